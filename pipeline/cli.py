@@ -1,0 +1,177 @@
+"""The `kdcache` command group. Commands only parse options and call a run_* function."""
+
+import json
+import os
+
+import click
+
+from cache_format import KdcacheError, open_cache, verify_cache
+
+from . import __version__
+
+
+class KdcacheGroup(click.Group):
+    """Turns every failure into one `Error: ...` line and exit code 1 (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if ctx.meta.get("kdcache.debug") or os.environ.get("KDCACHE_DEBUG"):
+                raise
+            msg = str(e) if isinstance(e, KdcacheError) else f"{type(e).__name__}: {e} (--debug shows the traceback)"
+            click.echo(f"Error: {msg}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kdcache")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """kdcache: offline knowledge distillation for LLMs.
+
+    capture the teacher's top-k once, then profile and train any number of students from the cache.
+    """
+    ctx.meta["kdcache.debug"] = debug
+
+
+def not_yet(command: str, issue: str) -> None:
+    raise KdcacheError(f"`kdcache {command}` is not yet implemented (arrives with the {issue} issue)")
+
+
+@cli.command()
+@click.option("--teacher", required=True, help="HF model directory of the teacher.")
+@click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
+              help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt. Repeatable.")
+@click.option("--out", required=True, help="Cache directory to write.")
+@click.option("--backend", type=click.Choice(["vllm", "hf"]), default=None, help="Default: vllm if it can run.")
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--val-fraction", type=float, default=0.02, show_default=True)
+@click.option("--max-tokens-per-domain", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--num-workers", type=int, default=1, show_default=True)
+@click.option("--worker-index", type=int, default=0, show_default=True)
+@click.option("--config", "config_path", default=None, help="YAML file with any of these options.")
+def capture(**_) -> None:
+    """Run the teacher once over the corpus and write its top-k log-probabilities to a cache."""
+    not_yet("capture", "capture")
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True)
+@click.option("--out", required=True)
+def merge(**_) -> None:
+    """Join the caches written by capture workers into one cache."""
+    not_yet("merge", "capture")
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(cache: str, as_json: bool) -> None:
+    """Teacher, tokenizer, k, domains, tokens and bytes per token of a cache."""
+    summary = cache_summary(cache)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    t = summary["teacher"]
+    click.echo(f"cache      {cache}  (format {summary['format_version']}, codec {summary['codec']['name']})")
+    click.echo(f"teacher    {t['name']}  [{t['engine']} {t['engine_version']}, {t['dtype']}, {t['logprobs_mode']}]")
+    click.echo(f"tokenizer  vocab {summary['tokenizer']['vocab_size']}, eos {summary['tokenizer']['eos_id']}, "
+               f"fingerprint {summary['tokenizer']['fingerprint'][:12]}")
+    click.echo(f"top_k      {summary['top_k']}   seq_len {summary['seq_len']}")
+    click.echo(f"{'split':<6} {'domain':<16} {'rows':>8} {'tokens':>12} {'bytes':>12} {'B/token':>8}")
+    for split, domains in summary["splits"].items():
+        for name, d in domains.items():
+            click.echo(f"{split:<6} {name:<16} {d['rows']:>8} {d['tokens']:>12} {d['bytes']:>12} "
+                       f"{d['bytes_per_token']:>8.1f}")
+    tot = summary["total"]
+    click.echo(f"{'total':<23} {tot['rows']:>8} {tot['tokens']:>12} {tot['bytes']:>12} {tot['bytes_per_token']:>8.1f}")
+
+
+def cache_summary(path: str) -> dict:
+    m = open_cache(path).manifest
+    per_token = lambda b, t: round(b / t, 2) if t else 0.0  # noqa: E731
+    splits = {
+        split: {name: {"rows": d.rows, "tokens": d.tokens, "shards": len(d.shards),
+                       "bytes": sum(s.bytes for s in d.shards),
+                       "bytes_per_token": per_token(sum(s.bytes for s in d.shards), d.tokens)}
+                for name, d in sorted(domains.items())}
+        for split, domains in sorted(m.splits.items())
+    }
+    rows = sum(d["rows"] for ds in splits.values() for d in ds.values())
+    tokens = sum(d["tokens"] for ds in splits.values() for d in ds.values())
+    nbytes = sum(d["bytes"] for ds in splits.values() for d in ds.values())
+    md = m.to_dict()
+    return {"format_version": m.format_version, "codec": m.codec, "teacher": md["teacher"],
+            "tokenizer": md["tokenizer"], "top_k": m.top_k, "seq_len": m.seq_len, "split": md["split"],
+            "splits": splits,
+            "total": {"rows": rows, "tokens": tokens, "bytes": nbytes, "bytes_per_token": per_token(nbytes, tokens)}}
+
+
+@cli.command()
+@click.argument("cache")
+def verify(cache: str) -> None:
+    """Check every shard's checksum, schema and counts; exit 1 naming the first bad one."""
+    r = verify_cache(cache)
+    click.echo(f"OK {cache}: {r.shards} shards, {r.rows} rows, {r.tokens} tokens, {r.bytes} bytes")
+
+
+@cli.command()
+@click.option("--cache", required=True)
+@click.option("--student", required=True)
+@click.option("--out", required=True)
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
+def profile(**_) -> None:
+    """Per-domain student-vs-teacher gap on held-out data (DDK's domain discrepancy)."""
+    not_yet("profile", "DDK")
+
+
+@cli.command()
+@click.option("--cache", required=True)
+@click.option("--student", required=True)
+@click.option("--out", required=True)
+@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]), default="fkl",
+              show_default=True)
+@click.option("--sampling", type=click.Choice(["ddk", "uniform", "natural"]), default="natural", show_default=True)
+@click.option("--adakd/--no-adakd", default=False, show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--ce-weight", type=float, default=0.0, show_default=True)
+@click.option("--config", "config_path", default=None)
+@click.option("--resume", is_flag=True)
+def train(**_) -> None:
+    """Train a student from the cache (never loads the teacher)."""
+    not_yet("train", "trainer")
+
+
+@cli.command("eval")
+@click.option("--cache", required=True)
+@click.option("--student", required=True)
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_(**_) -> None:
+    """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity."""
+    not_yet("eval", "trainer")
+
+
+@cli.command()
+@click.option("--out", default="demo-out", show_default=True)
+def demo(**_) -> None:
+    """The whole pipeline on the built-in small corpus and models."""
+    not_yet("demo", "demo")
+
+
+def main() -> None:
+    cli(prog_name="kdcache")
+
+
+if __name__ == "__main__":
+    main()

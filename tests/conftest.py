@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import build_llama, build_tokenizer, write_synthetic_cache  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny tokenizer plus a teacher (2 layers, d=64) and a student (1 layer, d=32) that share it."""
+    root = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer(root / "tokenizer")
+    V, eos = len(tok), tok.eos_token_id
+    paths = {"tokenizer": root / "tokenizer", "teacher": root / "teacher", "student": root / "student"}
+    build_llama(paths["teacher"], V, hidden=64, layers=2, seed=1, eos_id=eos)
+    build_llama(paths["student"], V, hidden=32, layers=1, seed=2, eos_id=eos)
+    for name in ("teacher", "student"):
+        tok.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture
+def synthetic_cache(tmp_path) -> Path:
+    """A small finished cache with two domains and several shards of several row groups."""
+    write_synthetic_cache(tmp_path / "cache", {"code": 7, "prose": 4})
+    return tmp_path / "cache"

@@ -1,7 +1,9 @@
 """The `kdcache` command group. Commands only parse options and call a run_* function."""
 
 import json
+import logging
 import os
+import sys
 
 import click
 
@@ -36,6 +38,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     capture the teacher's top-k once, then profile and train any number of students from the cache.
     """
     ctx.meta["kdcache.debug"] = debug
+    logging.basicConfig(level=logging.INFO, format="kdcache: %(message)s", stream=sys.stderr)
 
 
 def not_yet(command: str, issue: str) -> None:
@@ -43,32 +46,72 @@ def not_yet(command: str, issue: str) -> None:
 
 
 @cli.command()
-@click.option("--teacher", required=True, help="HF model directory of the teacher.")
+@click.option("--teacher", help="HF model directory of the teacher.")
 @click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
-              help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt. Repeatable.")
-@click.option("--out", required=True, help="Cache directory to write.")
-@click.option("--backend", type=click.Choice(["vllm", "hf"]), default=None, help="Default: vllm if it can run.")
+              help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt (also .jsonl.zst, "
+                   ".jsonl.gz, a datasets save_to_disk dir). Repeatable.")
+@click.option("--out", help="Cache directory to write (re-running the same command resumes).")
+@click.option("--backend", type=click.Choice(["vllm", "hf"]), default=None, help="Default: vllm if it can run, else hf.")
 @click.option("--top-k", type=int, default=64, show_default=True)
 @click.option("--seq-len", type=int, default=1024, show_default=True)
 @click.option("--val-fraction", type=float, default=0.02, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--max-tokens-per-domain", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per engine call.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--num-workers", type=int, default=1, show_default=True)
 @click.option("--worker-index", type=int, default=0, show_default=True)
-@click.option("--config", "config_path", default=None, help="YAML file with any of these options.")
-def capture(**_) -> None:
+@click.option("--shard-size-mb", type=float, default=256.0, show_default=True, help="Target shard size.")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM: share of GPU memory (on CPU: of host RAM) for the engine. Default 0.9 GPU, 0.25 CPU.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per teacher.")
+@click.option("--config", "config_path", default=None,
+              help="YAML file: any of these options (underscored names) and `data: {domain: path}`.")
+@click.pass_context
+def capture(ctx: click.Context, config_path: str | None, data: tuple[str, ...], **options) -> None:
     """Run the teacher once over the corpus and write its top-k log-probabilities to a cache."""
-    not_yet("capture", "capture")
+    from .capture import CaptureConfig, run_capture
+    from .corpus import load_mixture, parse_data_spec
+
+    specs = [parse_data_spec(d) for d in data]
+    if config_path:
+        file_options = _yaml_options(config_path)
+        if not specs and "data" in file_options:
+            specs = load_mixture(config_path)
+        file_options.pop("data", None)
+        for name, value in file_options.items():
+            if name not in options:
+                raise KdcacheError(f"{config_path}: unknown option {name!r}")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                options[name] = value
+    for name in ("teacher", "out"):
+        if not options[name]:
+            raise click.UsageError(f"Missing option '--{name}'.")
+    run_capture(CaptureConfig(data=tuple(specs), **options))
+
+
+def _yaml_options(path: str) -> dict:
+    import yaml
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise KdcacheError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise KdcacheError(f"--config {path}: malformed YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise KdcacheError(f"--config {path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in d.items()}
 
 
 @cli.command()
 @click.argument("parts", nargs=-1, required=True)
-@click.option("--out", required=True)
-def merge(**_) -> None:
+@click.option("--out", required=True, help="Directory for the merged cache (new or empty).")
+def merge(parts: tuple[str, ...], out: str) -> None:
     """Join the caches written by capture workers into one cache."""
-    not_yet("merge", "capture")
+    from .merge import run_merge
+    run_merge(list(parts), out)
 
 
 @cli.command()

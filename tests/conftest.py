@@ -1,11 +1,8 @@
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import build_llama, build_tokenizer, write_synthetic_cache  # noqa: E402
+from tests.helpers import build_llama, build_tokenizer, write_synthetic_cache
 
 
 @pytest.fixture(scope="session")

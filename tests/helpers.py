@@ -40,13 +40,14 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
 
 
 def build_llama(out_dir: Path, vocab_size: int, hidden: int, layers: int, seed: int, eos_id: int = 0):
-    """A tiny random Llama saved with save_pretrained (float32, seed-fixed)."""
+    """A tiny random Llama saved with save_pretrained (float32, seed-fixed). head_dim is 32: vLLM's CPU
+    attention kernels support no smaller head."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32), num_key_value_heads=1,
                          max_position_embeddings=512, bos_token_id=eos_id, eos_token_id=eos_id,
                          tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config)

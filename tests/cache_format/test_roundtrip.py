@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cache_format import CacheError, ShardWriter, TopkV1, open_cache
-from helpers import random_row, write_synthetic_cache
+from tests.helpers import random_row, write_synthetic_cache
 
 
 def test_writer_reader_roundtrip(tmp_path):

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from cache_format import CacheError, open_cache, verify_cache
-from helpers import write_synthetic_cache
+from tests.helpers import write_synthetic_cache
 
 
 def first_shard(cache_dir):

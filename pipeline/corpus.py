@@ -1,0 +1,456 @@
+"""Corpus ingestion and packing for `kdcache capture`: domain-tagged files → documents → train/val rows of tokens.
+
+Files are streamed one at a time (never the whole corpus in memory). JSON, JSON Lines, Parquet and `save_to_disk`
+directories are read through `datasets`; `.txt` files (one document per non-empty line) are read line by line here,
+because `datasets` 5.2 ignores `encoding_errors` for compressed text files and would crash on invalid UTF-8.
+Invalid UTF-8 in `.txt` and JSON Lines files (plain or compressed) is replaced with U+FFFD, counted, and reported
+once per file on the "kdcache" logger.
+"""
+
+import codecs
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+import zstandard
+
+from cache_format import SPLITS, KdcacheError
+
+log = logging.getLogger("kdcache")
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+SUPPORTED_SUFFIXES = tuple(s + c for s in _FORMATS for c in ("", ".gz", ".zst") if s != ".parquet" or not c)
+_SUPPORTED = ", ".join(SUPPORTED_SUFFIXES) + " or a datasets save_to_disk directory"
+_DOMAIN = re.compile(r"[A-Za-z0-9_.-]+")
+_READ_ERRORS = (pa.ArrowException, ValueError, OSError, EOFError, zstandard.ZstdError)
+_BATCH_ROWS = 1024
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+# `datasets` logs an extra "Failed to load JSON ..." line before raising; we re-raise it as one KdcacheError.
+logging.getLogger("datasets.packaged_modules.json.json").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load JSON"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One `--data DOMAIN=PATH`: PATH is a file, a directory or a glob."""
+
+    domain: str
+    path: str
+
+
+@dataclass
+class CorpusStats:
+    """Counts for one domain, filled in while `iter_documents` / `iter_split_rows` run."""
+
+    files: int = 0
+    skipped_empty: int = 0                    # empty or whitespace-only documents
+    invalid_utf8: int = 0                     # invalid UTF-8 sequences replaced by U+FFFD
+    documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # packed, per split
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))     # incl. EOS, per split
+    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))       # incl. a final short row
+    capped: bool = False                      # reading stopped at max_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# specs and files
+
+def _check_domain(domain: str, where: str) -> str:
+    if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain) or domain in (".", ".."):
+        raise KdcacheError(f"{where}: invalid domain name {domain!r} (use letters, digits, '_', '.', '-')")
+    return domain
+
+
+def parse_data_spec(s: str) -> DataSpec:
+    """Parse `DOMAIN=PATH` (split at the first '=')."""
+    domain, sep, path = s.partition("=")
+    if not sep or not domain:
+        raise KdcacheError(f"--data {s!r}: expected DOMAIN=PATH, e.g. code=data/code.jsonl")
+    if not path:
+        raise KdcacheError(f"--data {s!r}: empty PATH")
+    return DataSpec(_check_domain(domain, f"--data {s!r}"), path)
+
+
+def load_mixture(path: str) -> list[DataSpec]:
+    """Data specs from a YAML file with `data: {domain: path or [paths]}` or `data: [{domain:, path:}, ...]`.
+
+    Relative paths are relative to the YAML file's directory. Other top-level keys are ignored.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise KdcacheError(f"cannot read mixture file {path}: {e.strerror or e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise KdcacheError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise KdcacheError(f"{path}: expected a mapping with a `data:` key")
+    data = doc["data"]
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list) and all(isinstance(i, dict) and set(i) == {"domain", "path"} for i in data):
+        items = [(i["domain"], i["path"]) for i in data]
+    else:
+        raise KdcacheError(f"{path}: `data` must map domain -> path(s) or be a list of {{domain:, path:}} items")
+    if not items:
+        raise KdcacheError(f"{path}: `data` is empty")
+    base = os.path.dirname(path)
+    specs = []
+    for domain, paths in items:
+        _check_domain(domain, path)
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            raise KdcacheError(f"{path}: domain {domain!r}: path must be a non-empty string or list of strings")
+        specs += [DataSpec(domain, os.path.join(base, os.path.expanduser(p))) for p in paths]
+    return specs
+
+
+def group_by_domain(specs: Iterable[DataSpec]) -> dict[str, list[DataSpec]]:
+    """Specs grouped by domain, domains and specs in order of first appearance."""
+    groups: dict[str, list[DataSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.domain, []).append(spec)
+    return groups
+
+
+def _format(path: str) -> str | None:
+    """'json', 'text', 'parquet', 'dataset' (save_to_disk directory) or None (unsupported)."""
+    if os.path.isdir(path):
+        return "dataset" if _is_saved_dataset(path) else None
+    name = path.lower()
+    suffix = next((s for s in SUPPORTED_SUFFIXES if name.endswith(s)), None)
+    return _FORMATS[suffix.removesuffix(".gz").removesuffix(".zst")] if suffix else None
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, n)) for n in ("dataset_info.json", "state.json"))
+
+
+def _walk(root: str) -> list[str]:
+    """Supported files under root (recursively, hidden entries skipped); save_to_disk directories as one entry."""
+    if _is_saved_dataset(root):
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        subdirs = [os.path.join(dirpath, d) for d in dirnames if not d.startswith(".")]
+        found += [d for d in subdirs if _is_saved_dataset(d)]
+        dirnames[:] = [os.path.basename(d) for d in subdirs if not _is_saved_dataset(d)]
+        if "dataset_dict.json" in filenames:  # a DatasetDict.save_to_disk directory: only its split directories
+            continue
+        files = [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+        found += [f for f in files if _format(f)]
+    return found
+
+
+def resolve_files(spec: DataSpec) -> list[str]:
+    """The data files of a spec (a file, a directory searched recursively, or a glob), sorted.
+
+    Unsupported files found in a directory or by a glob are skipped; one named directly is an error.
+    """
+    path = spec.path
+    if os.path.isfile(path):
+        if not _format(path):
+            raise KdcacheError(f"{path}: unsupported file type (domain {spec.domain!r}; supported: {_SUPPORTED})")
+        return [path]
+    if os.path.isdir(path):
+        files = _walk(path)
+    elif _GLOB_CHARS.search(path):
+        matches = glob.glob(path, recursive=True)
+        if not matches:
+            raise KdcacheError(f"data path for domain {spec.domain!r}: no files match {path}")
+        files = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m] if _format(m) else [])]
+    else:
+        raise KdcacheError(f"data path for domain {spec.domain!r} does not exist: {path}")
+    if not files:
+        raise KdcacheError(f"{path}: no supported data files (domain {spec.domain!r}; supported: {_SUPPORTED})")
+    return sorted(set(files))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# documents
+
+_decoding = threading.local()  # invalid UTF-8 sequences replaced by this thread since the last _next_counted
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    _decoding.replaced = getattr(_decoding, "replaced", 0) + 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("kdcache-replace", _replace_and_count)
+
+
+def _next_counted(iterator: Iterator) -> tuple[object, int]:
+    """(next item or None, invalid UTF-8 sequences replaced while producing it)."""
+    _decoding.replaced = 0
+    item = next(iterator, None)
+    return item, _decoding.replaced
+
+
+def _open_binary(path: str) -> io.BufferedIOBase:
+    """A file, decompressed by its suffix (.gz, .zst)."""
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".zst"):
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)
+    return open(path, "rb")
+
+
+def _text_batches(path: str) -> Iterator[list[str]]:
+    """Lines of a (compressed) text file, without line ends, in batches; universal newlines."""
+    with io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors="kdcache-replace") as f:
+        while lines := f.readlines(1 << 20):
+            yield [line.rstrip("\n") for line in lines]
+
+
+def _column_batches(ds, path: str, text_field: str) -> Iterator[list]:
+    """The text column of a `datasets` dataset, in batches of Python values (None where a row lacks it)."""
+    for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS):
+        if text_field not in table.column_names:
+            raise KdcacheError(f"{path}: no field {text_field!r} (fields: {', '.join(table.column_names)}); "
+                               "choose one with --text-field")
+        column = table.column(text_field)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_string_view(column.type)):
+            raise KdcacheError(f"{path}: field {text_field!r} holds non-string values ({column.type})")
+        yield column.to_pylist()
+
+
+def _file_batches(path: str, text_field: str) -> Iterator[list]:
+    """Batches of text values of one file. JSON Lines bytes are decoded with the counting replacement handler."""
+    kind = _format(path)
+    if kind == "text":
+        return _text_batches(path)
+    from datasets import load_dataset, load_from_disk  # heavy import, only when reading
+
+    if kind == "dataset":
+        return _column_batches(load_from_disk(path), path, text_field)
+    if kind == "parquet" and pq.ParquetFile(path).metadata.num_rows == 0:  # datasets fails on it ("BatchSize")
+        return iter(())
+    # encoding "utf_8" (not "utf-8") makes the json builder decode with encoding_errors instead of handing the raw
+    # bytes to pyarrow, which rejects invalid UTF-8.
+    options = {"encoding": "utf_8", "encoding_errors": "kdcache-replace", "parse_agent_traces": False}
+    try:
+        ds = load_dataset(kind, data_files=[path], split="train", streaming=True,
+                          **(options if kind == "json" else {}))
+    except StopIteration:  # the json builder's schema inference on an empty file
+        return iter(())
+    return _column_batches(ds, path, text_field)
+
+
+def _json_problem(path: str) -> str | None:
+    """Where and why a JSON (Lines) file first fails to parse, or None if it parses."""
+    with _open_binary(path) as f:
+        is_array = f.read(64).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+    with _open_binary(path) as f:
+        if is_array:
+            try:
+                json.loads(f.read())
+            except UnicodeDecodeError as e:
+                return f"invalid UTF-8 at byte {e.start} (only JSON Lines files are read with replacement)"
+            except json.JSONDecodeError as e:
+                return f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+            return None
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line.decode("utf-8", "replace"))
+                except json.JSONDecodeError as e:
+                    return f"malformed JSON at line {n}: {e.msg}"
+                if not isinstance(record, dict):
+                    return f"malformed JSON Lines at line {n}: not an object"
+    return None
+
+
+def _read_error(path: str, error: Exception) -> KdcacheError:
+    """The error for a file that failed to read: the JSON problem with its line where one is found."""
+    try:
+        problem = _json_problem(path) if _format(path) == "json" else None
+    except _READ_ERRORS:  # e.g. a corrupt .gz: the original error says it
+        problem = None
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return KdcacheError(f"{path}: {problem or 'cannot read: ' + detail}")
+
+
+def _file_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    """Non-empty documents of one file; invalid UTF-8 reported once when the file is done (or abandoned)."""
+    stats.files += 1
+    rows = replaced = 0
+    try:
+        try:
+            batches = _file_batches(path, text_field)
+            while True:
+                batch, n = _next_counted(batches)
+                replaced += n
+                if batch is None:
+                    break
+                for value in batch:
+                    rows += 1
+                    if value is None:
+                        raise KdcacheError(f"{path}: row {rows} has no {text_field!r} field")
+                    if value.strip():
+                        yield value
+                    else:
+                        stats.skipped_empty += 1
+        except _READ_ERRORS as e:
+            raise _read_error(path, e) from e
+        if rows == 0:
+            raise KdcacheError(f"{path}: empty file (no documents)")
+    finally:
+        stats.invalid_utf8 += replaced
+        if replaced:
+            log.warning("%s: %d invalid UTF-8 sequences replaced", path, replaced)
+
+
+def iter_documents(spec: DataSpec, text_field: str = "text", stats: CorpusStats | None = None) -> Iterator[str]:
+    """Documents of all files of a spec in `resolve_files` order; empty/whitespace-only documents are skipped."""
+    stats = stats if stats is not None else CorpusStats()
+    for path in resolve_files(spec):
+        yield from _file_documents(path, text_field, stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# splits, tokens, rows
+
+def split_of(text: str, seed: int, val_fraction: float) -> str:
+    """'val' or 'train' by a hash of the document's content and the split seed."""
+    h = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:16], 16)
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
+    """Token ids of each text (no special tokens), in order, from batched tokenizer calls."""
+    for batch in _batched(texts, batch_size):
+        yield from tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+class _Packer:
+    """Cuts a stream of tokens into rows of seq_len int32; holds at most one unfinished row."""
+
+    def __init__(self, seq_len: int):
+        if seq_len < 1:
+            raise KdcacheError(f"seq_len must be at least 1, got {seq_len}")
+        self.seq_len = seq_len
+        self._row = np.empty(seq_len, np.int32)
+        self._fill = 0
+
+    def add(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """Append tokens; return the rows they complete."""
+        done, pos = [], 0
+        while pos < len(tokens):
+            take = min(self.seq_len - self._fill, len(tokens) - pos)
+            self._row[self._fill:self._fill + take] = tokens[pos:pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self.seq_len:
+                done.append(self._row)
+                self._row, self._fill = np.empty(self.seq_len, np.int32), 0
+        return done
+
+    def flush(self) -> np.ndarray | None:
+        """The final partial row, if any tokens remain."""
+        if not self._fill:
+            return None
+        row, self._fill = self._row[:self._fill].copy(), 0
+        return row
+
+
+def _with_eos(ids: Sequence[int], eos_id: int) -> np.ndarray:
+    tokens = np.empty(len(ids) + 1, np.int32)
+    tokens[:-1] = ids
+    tokens[-1] = eos_id
+    return tokens
+
+
+def pack_documents(token_ids: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> Iterator[np.ndarray]:
+    """Documents joined with an EOS after each, cut into int32 rows of seq_len; the last row may be shorter."""
+    packer = _Packer(seq_len)
+    for ids in token_ids:
+        yield from packer.add(_with_eos(ids, eos_id))
+    if (tail := packer.flush()) is not None:
+        yield tail
+
+
+def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: CorpusStats,
+                         batch_size: int) -> Iterator[tuple[str, list[int]]]:
+    """(text, token ids) of the files' documents. Batches never span files, so a file is only opened once the
+    consumer has used every document before it (closing this generator at the cap opens no further file)."""
+    for path in files:
+        with contextlib.closing(_file_documents(path, text_field, stats)) as texts:
+            for batch in _batched(texts, batch_size):
+                yield from zip(batch, tokenize_documents(batch, tokenizer, batch_size))
+
+
+def _next_row_index(stats: CorpusStats, split: str) -> int:
+    stats.rows[split] += 1
+    return stats.rows[split] - 1
+
+
+def iter_split_rows(spec: DataSpec | Sequence[DataSpec], tokenizer, seq_len: int, seed: int, val_fraction: float,
+                    text_field: str = "text", max_tokens: int | None = None, stats: CorpusStats | None = None,
+                    batch_size: int = 256) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Packed rows of one domain as (split, row index within the split, int32 row), deterministic and streamed.
+
+    `spec` is one DataSpec or several of the same domain (read in order; all paths are resolved up front). Each
+    document goes to the split given by `split_of` and is appended, followed by EOS, to its split's packer; full
+    rows are yielded as they complete, the final short rows of train then val at the end. `max_tokens` caps the
+    domain's tokens (both splits, EOS included): reading stops there and the last document is cut so the total is
+    exactly the cap. `stats` (optional) is filled in as rows are produced.
+    """
+    specs = [spec] if isinstance(spec, DataSpec) else list(spec)
+    domains = {s.domain for s in specs}
+    if len(domains) != 1:
+        raise ValueError(f"iter_split_rows needs the specs of exactly one domain, got {sorted(domains)}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise KdcacheError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if max_tokens is not None and max_tokens < 1:
+        raise KdcacheError(f"max_tokens must be at least 1, got {max_tokens}")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise KdcacheError("the tokenizer has no EOS token; packing needs one between documents")
+    stats = stats if stats is not None else CorpusStats()
+    packers = {split: _Packer(seq_len) for split in SPLITS}
+    files = [f for s in specs for f in resolve_files(s)]
+    budget = max_tokens
+    with contextlib.closing(_tokenized_documents(files, tokenizer, text_field, stats, batch_size)) as documents:
+        for text, ids in documents:
+            split = split_of(text, seed, val_fraction)
+            tokens = _with_eos(ids, eos_id)[:budget]
+            stats.documents[split] += 1
+            stats.tokens[split] += len(tokens)
+            for row in packers[split].add(tokens):
+                yield split, _next_row_index(stats, split), row
+            if budget is not None:
+                budget -= len(tokens)
+                if budget == 0:
+                    stats.capped = True
+                    break
+    if not sum(stats.documents.values()):
+        raise KdcacheError(f"domain {specs[0].domain!r}: no documents in {', '.join(s.path for s in specs)} "
+                           f"({stats.skipped_empty} empty skipped)")
+    for split in SPLITS:
+        if (tail := packers[split].flush()) is not None:
+            yield split, _next_row_index(stats, split), tail

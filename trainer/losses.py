@@ -1,0 +1,251 @@
+"""Distillation losses on a sparse teacher: top-K cached ids plus one tail bucket (DESIGN.md, papers.md §4-5).
+
+Bucket projection. The cache holds the teacher's log-probs on K ids S (padded slots are -inf). Every divergence is
+computed on K+1 buckets, the K ids plus the tail V \\ S:
+    teacher  P = (p_1..p_K, p_tail),  p_tail = 1 - sum_k p_k      (from logsumexp, clamped; see bucket_logprobs)
+    student  Q = (q_1..q_K, q_tail),  log q_tail = logsumexp(z over V \\ S) - logsumexp(z over V)
+For f-divergences the bucketed value is a lower bound of the full-vocabulary one (data processing) and equals it
+when K = V. All arithmetic is float32 in log space; dead buckets (padded slots, an empty tail) are masked out.
+
+Temperature (papers.md §5.5, option 1, "decoupled"). The cache cannot temper the tail, so tau only reshapes the
+head: P^tau = (P_S * softmax(log p_S / tau), p_tail) keeps the head mass P_S and the tail mass; Q^tau likewise.
+Every loss D is
+    L_tau = tau^2 * D(P^tau || Q^tau) + (1 - tau^2) * D_bin,   D_bin = D([P_S, p_tail] || [Q_S, q_tail]),
+i.e. the untempered binary (head vs tail) term plus tau^2 times the rest. By the KL chain rule this is the note's
+    fkl: D_bin + P_S * tau^2 * KL(p^tau(.|S) || q^tau(.|S)),   rkl: D_bin + Q_S * tau^2 * KL(q^tau(.|S) || p^tau(.|S));
+jsd / sfkl / srkl (KLs to a mixture) get the chain-rule conditional term of each KL with the mixture's conditional
+on S, and tvd the excess TVD(P^tau, Q^tau) - TVD_bin. That excess is >= 0 for any f-divergence (both pairs project
+onto the same binary pair), so L_tau >= 0. akl mixes the tempered fkl and rkl with weights from (P^tau, Q^tau).
+At tau == 1 (float or per-position tensor) every loss is exactly the plain K+1 bucket divergence; L_tau is
+continuous in tau.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+NEG_INF = float("-inf")
+TINY = torch.finfo(torch.float32).tiny
+
+
+def bucket_logprobs(student_logits, topk_ids, topk_logprobs):
+    """Teacher and student log-probs on the K+1 buckets (K cached ids, then the tail), float32.
+
+    Returns (lp, lq, live), each (N, K+1). `live` marks buckets that exist: valid (finite) slots, and the tail
+    unless the valid ids cover the whole vocabulary; dead buckets hold 0 and must be masked by the caller.
+    The teacher's head is renormalised if rounding pushed its mass above 1, and a live tail gets at least
+    float32's smallest normal mass so that reverse-style terms stay finite.
+    """
+    z = student_logits.float()                                                      # (N, V)
+    lt = topk_logprobs.float()                                                      # (N, K)
+    ids = topk_ids.long()                                                           # (N, K)
+    valid = lt != NEG_INF                                                           # (N, K)
+    in_s = z.new_zeros(z.shape).scatter_add(-1, ids, valid.float()) > 0            # (N, V) only valid slots mask
+    log_z = z.logsumexp(-1, keepdim=True)                                           # (N, 1)
+    lq_tail = torch.where(in_s, NEG_INF, z).logsumexp(-1, keepdim=True) - log_z     # (N, 1)
+    lq = torch.cat([z.gather(-1, ids) - log_z, lq_tail], -1)                        # (N, K+1)
+
+    log_head = torch.where(valid, lt, NEG_INF).logsumexp(-1, keepdim=True)         # (N, 1) log sum_k p_k
+    p_tail = (-torch.expm1(log_head)).clamp_min(TINY)                               # (N, 1)
+    lp = torch.cat([lt - log_head.clamp_min(0), p_tail.log()], -1)                  # (N, K+1)
+
+    live = torch.cat([valid, ~in_s.all(-1, keepdim=True)], -1)                      # (N, K+1)
+    return torch.where(live, lp, 0.0), torch.where(live, lq, 0.0), live
+
+
+# Divergences on live buckets: (lp, lq, live) each (N, B) -> (N,).
+
+def _kl(la, lb, live):
+    """KL(a || b) = sum a (log a - log b) over live buckets."""
+    return torch.where(live, la.exp() * (la - lb), 0.0).sum(-1)
+
+
+def _log_mix(la, lb, w):
+    """log(w * a + (1 - w) * b), with the end points exact."""
+    if w == 0:
+        return lb
+    if w == 1:
+        return la
+    return torch.logaddexp(math.log(w) + la, math.log1p(-w) + lb)
+
+
+def _fkl(lp, lq, live):
+    return _kl(lp, lq, live)
+
+
+def _rkl(lp, lq, live):
+    return _kl(lq, lp, live)
+
+
+def _jsd(lp, lq, live, beta=0.5):
+    if beta == 0:
+        return _fkl(lp, lq, live)
+    if beta == 1:
+        return _rkl(lp, lq, live)
+    lm = _log_mix(lp, lq, beta)
+    return beta * _kl(lp, lm, live) + (1 - beta) * _kl(lq, lm, live)
+
+
+def _sfkl(lp, lq, live, alpha=0.1):
+    return _kl(lp, _log_mix(lp, lq, alpha), live)
+
+
+def _srkl(lp, lq, live, alpha=0.1):
+    return _kl(lq, _log_mix(lq, lp, alpha), live)
+
+
+def _tvd(lp, lq, live):
+    return 0.5 * torch.where(live, (lp.exp() - lq.exp()).abs(), 0.0).sum(-1)
+
+
+@torch.no_grad()
+def _akl_head_weight(lp, lq, live, mu):
+    """AKL's g_head / (g_head + g_tail) on the buckets (0.5 where p == q).
+
+    Head = cached ids in decreasing teacher order whose inclusive cumulative mass is <= mu, plus the top-1. The
+    tail bucket always ranks last (each of its tokens is below every cached id), so it is always in the tail group.
+    """
+    err = torch.where(live, (lp.exp() - lq.exp()).abs(), 0.0)                       # (N, K+1)
+    p_sorted, order = torch.where(live, lp.exp(), 0.0)[:, :-1].sort(-1, descending=True)  # (N, K)
+    in_head = p_sorted.cumsum(-1) <= mu                                             # (N, K)
+    in_head[:, 0] = True
+    g_head = torch.where(in_head, err[:, :-1].gather(-1, order), 0.0).sum(-1)      # (N,)
+    g = err.sum(-1)                                                                 # (N,)
+    return torch.where(g > 0, g_head / torch.where(g > 0, g, 1.0), 0.5)
+
+
+# Temperature.
+
+def _tau(temperature, like):
+    """None for the scalar 1 (no tempering), else a float32 (N,) tensor."""
+    if not torch.is_tensor(temperature) and temperature == 1:
+        return None
+    return torch.as_tensor(temperature, dtype=torch.float32, device=like.device).reshape(-1).expand(like.shape[0])
+
+
+def _log_head_mass(l, live):
+    """log of the total mass on the cached ids, (N, 1)."""
+    return torch.where(live[:, :-1], l[:, :-1], NEG_INF).logsumexp(-1, keepdim=True)
+
+
+def _temper(l, live, tau):
+    """Buckets with the head reshaped to softmax(log p_S / tau), head and tail masses kept; exact l where tau == 1."""
+    if tau is None:
+        return l
+    head = live[:, :-1]                                                             # (N, K)
+    x = torch.where(head, l[:, :-1] / tau[:, None], NEG_INF)                        # (N, K)
+    l_head = torch.where(head, x.log_softmax(-1) + _log_head_mass(l, live), 0.0)    # (N, K)
+    return torch.where((tau == 1)[:, None], l, torch.cat([l_head, l[:, -1:]], -1))
+
+
+def _binary(lp, lq, live):
+    """The (head, tail) pair of bucket distributions: (lp2, lq2, live2), each (N, 2)."""
+    live2 = torch.stack([live[:, :-1].any(-1), live[:, -1]], -1)                    # (N, 2)
+    pair = lambda l: torch.where(live2, torch.cat([_log_head_mass(l, live), l[:, -1:]], -1), 0.0)
+    return pair(lp), pair(lq), live2
+
+
+def _decoupled(div, lp, lq, live, tau, **params):
+    """tau^2 * D(P^tau || Q^tau) + (1 - tau^2) * D_binary; the plain D when tau is None or 1."""
+    if tau is None:
+        return div(lp, lq, live, **params)
+    t2 = tau**2
+    return t2 * div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params) \
+        + (1 - t2) * div(*_binary(lp, lq, live), **params)
+
+
+def _bucket_loss(div, student_logits, topk_ids, topk_logprobs, temperature, **params):
+    lp, lq, live = bucket_logprobs(student_logits, topk_ids, topk_logprobs)
+    return _decoupled(div, lp, lq, live, _tau(temperature, lp), **params)
+
+
+# Public losses: (student_logits (N, V), topk_ids (N, K), topk_logprobs (N, K), temperature) -> (N,) float32.
+
+def fkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
+    """Forward KL(p || q)."""
+    return _bucket_loss(_fkl, student_logits, topk_ids, topk_logprobs, temperature)
+
+
+def rkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
+    """Reverse KL(q || p)."""
+    return _bucket_loss(_rkl, student_logits, topk_ids, topk_logprobs, temperature)
+
+
+def jsd(student_logits, topk_ids, topk_logprobs, temperature=1.0, beta=0.5):
+    """Generalised JSD, TRL GKD convention: m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m); 0 fkl, 1 rkl."""
+    return _bucket_loss(_jsd, student_logits, topk_ids, topk_logprobs, temperature, beta=beta)
+
+
+def sfkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
+    """Skew forward KL (DistiLLM): KL(p || alpha p + (1-alpha) q)."""
+    return _bucket_loss(_sfkl, student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
+
+
+def srkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
+    """Skew reverse KL (DistiLLM): KL(q || alpha q + (1-alpha) p)."""
+    return _bucket_loss(_srkl, student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
+
+
+def tvd(student_logits, topk_ids, topk_logprobs, temperature=1.0):
+    """Total variation 0.5 sum |p - q|."""
+    return _bucket_loss(_tvd, student_logits, topk_ids, topk_logprobs, temperature)
+
+
+def akl(student_logits, topk_ids, topk_logprobs, temperature=1.0, mu=0.5):
+    """Adaptive KL (Wu et al. 2024): w_head FKL + w_tail RKL, weights g_head/g, g_tail/g without gradient."""
+    lp, lq, live = bucket_logprobs(student_logits, topk_ids, topk_logprobs)
+    tau = _tau(temperature, lp)
+    w = _akl_head_weight(_temper(lp, live, tau), _temper(lq, live, tau), live, mu)   # (N,)
+    return w * _decoupled(_fkl, lp, lq, live, tau) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau)
+
+
+LOSSES: dict[str, Callable] = {"fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl}
+
+
+def cross_entropy(student_logits, targets):
+    """Per-position cross-entropy with the actual next tokens, float32 (N,); targets of -100 give 0."""
+    return F.cross_entropy(student_logits.float(), targets.long(), reduction="none")
+
+
+def masked_mean(per_token, mask, num_tokens=None):
+    """Sum of per_token where mask is True, over mask.sum() (or num_tokens), at least 1: all-masked gives 0."""
+    total = torch.where(mask, per_token.float(), 0.0).sum()
+    count = mask.sum() if num_tokens is None else num_tokens
+    return total / torch.as_tensor(count, device=total.device).clamp_min(1)
+
+
+def chunked_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, mask, loss_fn, ce_weight=0.0,
+                 kd_weight=1.0, temperature=1.0, chunk_size=1024, vocab_size=None, **params):
+    """Masked mean of kd_weight * KD + ce_weight * CE without holding all (N, V) logits at once.
+
+    hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows, topk_* (N, K), targets and mask (N,),
+    temperature a float or (N,). loss_fn is a LOSSES name, a callable with the LOSSES signature, or "ce" (CE only).
+    Each chunk of positions runs under activation checkpointing, so its logits are recomputed in backward.
+    Returns (loss, {"kd_loss", "ce_loss"}): the stats are detached masked means, as tensors.
+    """
+    if loss_fn == "ce":
+        kd_fn, kd_weight, ce_weight = None, 0.0, 1.0
+    else:
+        kd_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
+    w = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]      # (V, D)
+    per_position_tau = torch.is_tensor(temperature) and temperature.dim() > 0
+
+    def chunk(h, ids, lps, tgt, tau):
+        logits = h @ w.T                                                            # (n, V)
+        ce = cross_entropy(logits, tgt)                                             # (n,)
+        kd = torch.zeros_like(ce) if kd_fn is None else kd_fn(logits, ids, lps, tau, **params)
+        return kd, ce
+
+    kd, ce = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        sl = slice(s, s + chunk_size)
+        tau = temperature[sl] if per_position_tau else temperature
+        k, c = checkpoint(chunk, hidden[sl], topk_ids[sl], topk_logprobs[sl], targets[sl], tau, use_reentrant=False)
+        kd.append(k)
+        ce.append(c)
+    kd, ce = torch.cat(kd), torch.cat(ce)                                           # (N,)
+    loss = masked_mean(kd_weight * kd + ce_weight * ce, mask)
+    return loss, {"kd_loss": masked_mean(kd, mask).detach(), "ce_loss": masked_mean(ce, mask).detach()}

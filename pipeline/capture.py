@@ -122,16 +122,18 @@ def run_capture(cfg: CaptureConfig) -> Path:
     teacher = None
     shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in streams}
     plan: dict[str, int] = {}
-    bar = tqdm(unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, smoothing=0.05)
-    started = time.time()
-    teacher_tokens = 0
+    # tokens through the teacher; an ETA needs a known total, which --max-tokens-per-domain gives
+    total = cfg.max_tokens_per_domain * len(cfg.data) // cfg.num_workers if cfg.max_tokens_per_domain else None
+    bar = tqdm(unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, smoothing=0.1, total=total)
+    teacher_tokens, load_seconds = 0, 0.0           # work done by this run; the engine start is timed apart
+    started = time.perf_counter()
     try:
         for spec in cfg.data:
             pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
             counts = {"train": 0, "val": 0}
 
             def finish(split: str) -> None:
-                nonlocal teacher, teacher_tokens
+                nonlocal teacher, teacher_tokens, load_seconds
                 rows = pending[split]
                 j = counts[split] // R
                 counts[split] += len(rows)
@@ -142,10 +144,13 @@ def run_capture(cfg: CaptureConfig) -> Path:
                 info = _finished_shard(out, rel)
                 if info is None:
                     if teacher is None:
+                        t0 = time.perf_counter()
                         teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype,
                                                **_engine_options(cfg))
                         _save_engine(out, {"name": teacher.engine, "version": teacher.engine_version,
                                            "dtype": teacher.dtype})
+                        load_seconds = time.perf_counter() - t0
+                        bar.reset(total=total)             # rates from here on, engine start excluded
                     info = _capture_shard(out, rel, rows, j * R, spec.domain, teacher, cfg, codec, bar)
                     teacher_tokens += info.tokens
                 shards[(split, spec.domain)].append(info)
@@ -163,9 +168,10 @@ def run_capture(cfg: CaptureConfig) -> Path:
         bar.close()
         if teacher is not None:
             teacher.close()
-    elapsed = time.time() - started
     if teacher_tokens:
-        log.info("teacher ran on %d tokens in %.1fs (%.0f tokens/s)", teacher_tokens, elapsed, teacher_tokens / elapsed)
+        seconds = time.perf_counter() - started - load_seconds
+        log.info("captured %d tokens in %.1fs (%.0f tokens/s end to end, engine start of %.0fs excluded)",
+                 teacher_tokens, seconds, teacher_tokens / seconds, load_seconds)
 
     splits = {split: {} for split in ("train", "val")}
     for (split, domain), infos in shards.items():

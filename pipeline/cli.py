@@ -207,9 +207,10 @@ def eval_(**_) -> None:
 
 @cli.command()
 @click.option("--out", default="demo-out", show_default=True)
-def demo(**_) -> None:
+def demo(out: str) -> None:
     """The whole pipeline on the built-in small corpus and models."""
-    not_yet("demo", "demo")
+    from .demo import run_demo
+    run_demo(out)
 
 
 def main() -> None:

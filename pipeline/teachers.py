@@ -123,11 +123,17 @@ class VLLMTeacher:
 
     def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
                  tensor_parallel_size: int = 1, max_model_len: int | None = None):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
+        # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
+        max_model_len = max_model_len or seq_len + 1
+        if max_model_len > (model_max_positions(path) or max_model_len):
+            os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         from vllm import LLM
 
         if gpu_memory_utilization is None:   # on CPU it is the share of host RAM reserved for the KV cache
             gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.25
-        self.llm = LLM(model=path, max_logprobs=k, max_model_len=max_model_len or seq_len, dtype=dtype,
+        self.llm = LLM(model=path, max_logprobs=k, max_model_len=max_model_len, dtype=dtype,
                        enable_prefix_caching=False, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        seed=0)
@@ -157,6 +163,11 @@ def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
     """vLLM FlatLogprobs of one prompt -> arrays. Entry t >= 1 is the distribution that predicted token t (so the
     cache's position t-1); each holds k+1 entries: the actual token first (with its rank), then the top-k in rank
     order, also when the actual token is inside the top-k (observed in vllm 0.32, checked by a test)."""
+    topk_ids = np.zeros((T, k), np.int32)
+    topk_logprobs = np.full((T, k), -np.inf, np.float32)
+    target_logprobs = np.full(T, np.nan, np.float32)
+    if T == 1:                                                             # a lone token predicts nothing
+        return topk_ids, topk_logprobs, target_logprobs
     starts = np.asarray(flat.start_indices[1:T])                           # (T-1,)
     ends = np.asarray(flat.end_indices[1:T])
     if not (ends - starts == k + 1).all():
@@ -164,9 +175,6 @@ def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
                            f"entries per position, expected k+1={k + 1}")
     ids = np.asarray(flat.token_ids[starts[0]:ends[-1]], dtype=np.int32).reshape(T - 1, k + 1)
     lps = np.asarray(flat.logprobs[starts[0]:ends[-1]], dtype=np.float32).reshape(T - 1, k + 1)
-    topk_ids = np.zeros((T, k), np.int32)
-    topk_logprobs = np.full((T, k), -np.inf, np.float32)
-    target_logprobs = np.full(T, np.nan, np.float32)
     topk_ids[:-1], topk_logprobs[:-1], target_logprobs[:-1] = ids[:, 1:], lps[:, 1:], lps[:, 0]
     return topk_ids, topk_logprobs, target_logprobs
 

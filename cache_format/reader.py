@@ -36,16 +36,21 @@ class Cache:
         names = [domain] if domain is not None else sorted(domains)
         return [s for name in names for s in domains[name].shards]
 
-    def check_shard(self, shard: ShardInfo) -> None:
-        """Size + sha256 against the manifest; raises CacheError naming the shard."""
-        if shard.path in self._checked:
-            return
+    def check_shard_size(self, shard: ShardInfo) -> Path:
+        """The cheap check: the shard exists with the manifest's size. Returns its path."""
         path = self.root / shard.path
         if not path.is_file():
             raise CacheError(f"{path}: shard missing")
         size = path.stat().st_size
         if size != shard.bytes:
             raise CacheError(f"{path}: shard is {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+        return path
+
+    def check_shard(self, shard: ShardInfo) -> None:
+        """Size + sha256 against the manifest; raises CacheError naming the shard."""
+        if shard.path in self._checked:
+            return
+        path = self.check_shard_size(shard)
         if file_sha256(path) != shard.sha256:
             raise CacheError(f"{path}: sha256 mismatch (shard corrupted)")
         self._checked.add(shard.path)

@@ -9,7 +9,6 @@ Resume: a finished shard is renamed into place and recorded in `.progress/`; a r
 rest. The manifest is written last.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache_format import (DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter, SplitRule, TeacherInfo,
-                          TokenizerInfo, TopkV1, file_sha256, tokenizer_fingerprint, write_manifest)
+                          TokenizerInfo, TopkV1, files_fingerprint, tokenizer_fingerprint, write_manifest)
 from cache_format.manifest import MANIFEST_NAME
 
 from . import __version__
@@ -106,7 +105,7 @@ def run_capture(cfg: CaptureConfig) -> Path:
 
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
-    identity["data_fingerprint"] = {d: _files_fingerprint(f) for d, f in files.items()}
+    identity["data_fingerprint"] = {d: files_fingerprint(f) for d, f in files.items()}
     out.mkdir(parents=True, exist_ok=True)
     _check_or_write_identity(out, identity)
     if (out / MANIFEST_NAME).exists():
@@ -256,19 +255,6 @@ def _saved_engine(out: Path) -> dict | None:
 def _save_engine(out: Path, engine: dict) -> None:
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     _atomic_write_json(out / PROGRESS_DIR / "engine.json", engine)
-
-
-def _files_fingerprint(files: list[str]) -> str:
-    """sha256 over each input file's name, size and first and last MiB."""
-    h = hashlib.sha256()
-    for f in files:
-        size = os.path.getsize(f)
-        h.update(f"{os.path.abspath(f)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()
 
 
 def _load_tokenizer(path: str):

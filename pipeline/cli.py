@@ -197,12 +197,27 @@ def train(**_) -> None:
 
 @cli.command("eval")
 @click.option("--cache", required=True)
-@click.option("--student", required=True)
+@click.option("--student", required=True, help="HF model directory of the student.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def eval_(**_) -> None:
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-rows-per-domain", type=int, default=None, help="Evaluate on at most this many rows per domain.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def eval_(cache: str, student: str, split: str, batch_size: int, max_rows_per_domain: int | None,
+          as_json: bool) -> None:
     """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity."""
-    not_yet("eval", "trainer")
+    from trainer.evaluate import evaluate
+    from trainer.student import load_student
+
+    c = open_cache(cache)
+    model, _ = load_student(student, c.manifest)
+    report = evaluate(c, model, split=split, batch_size=batch_size, max_rows_per_domain=max_rows_per_domain)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'domain':<16} {'tokens':>10} {'student_ce':>11} {'teacher_ce':>11} {'kl':>8} {'ppl':>10}")
+    for name, d in [*report["domains"].items(), ("mean", report["mean"])]:
+        click.echo(f"{name:<16} {d['tokens']:>10} {d['student_ce']:>11.4f} {d['teacher_ce']:>11.4f} "
+                   f"{d['kl']:>8.4f} {d['ppl']:>10.2f}")
 
 
 @cli.command()

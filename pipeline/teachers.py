@@ -7,7 +7,6 @@ Log-probabilities are log_softmax of the raw logits at temperature 1 (vLLM's `ra
 """
 
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -17,28 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_format import KdcacheError
+from cache_format import KdcacheError, files_fingerprint
 
 log = logging.getLogger("kdcache")
 TopkRow = tuple[np.ndarray, np.ndarray, np.ndarray]   # topk_ids (T, K), topk_logprobs (T, K), target_logprobs (T,)
 
 
 def weights_fingerprint(path: str) -> str:
-    """sha256 over config.json and, per weight file, its name, size and first and last MiB (fast on 100 GB)."""
+    """files_fingerprint of config.json and every weight file (names, sizes, first and last MiB)."""
     root = Path(path)
-    h = hashlib.sha256()
-    config = root / "config.json"
-    if config.exists():
-        h.update(config.read_bytes())
-    files = sorted(p for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}:{size}".encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
-    return h.hexdigest()
+    weights = sorted(p for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+    return files_fingerprint([root / "config.json", *weights])
 
 
 def check_teacher_path(path: str) -> None:

@@ -57,12 +57,7 @@ def check_cache(cache: Cache, split: str) -> None:
     The full sha256 check happens in the reader before each shard's first read.
     """
     for shard in cache.shards(split):
-        path = cache.root / shard.path
-        if not path.is_file():
-            raise CacheError(f"{path}: shard missing")
-        size = path.stat().st_size
-        if size != shard.bytes:
-            raise CacheError(f"{path}: shard is {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+        cache.check_shard_size(shard)
 
 
 def choose_domain(weights: np.ndarray, seed: int, step: int, slot: int) -> int:

@@ -59,3 +59,25 @@ def test_console_script_installed():
     exe = shutil.which("kdcache") or str(__import__("pathlib").Path(sys.executable).parent / "kdcache")
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "kdcache" in r.stdout
+
+
+def test_eval_command_on_a_captured_cache(tiny_models, tmp_path):
+    """`kdcache eval` end to end: HF capture of the tiny teacher, then the student evaluated against it."""
+    from tests.helpers import domain_texts
+
+    corpus = tmp_path / "code.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts("code", 40, seed=1)))
+    cache = tmp_path / "cache"
+    r = kdcache("capture", "--teacher", str(tiny_models["teacher"]), "--data", f"code={corpus}", "--out", str(cache),
+                "--backend", "hf", "--top-k", "8", "--seq-len", "32", "--val-fraction", "0.3")
+    assert r.returncode == 0, r.stderr
+    r = kdcache("eval", "--cache", str(cache), "--student", str(tiny_models["student"]), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    code = report["domains"]["code"]
+    assert report["split"] == "val" and code["tokens"] > 0 and code["kl"] > 0
+    assert abs(code["ppl"] - __import__("math").exp(code["student_ce"])) < 1e-6 * code["ppl"]
+    r = kdcache("eval", "--cache", str(cache), "--student", str(tiny_models["teacher"]))
+    assert r.returncode == 0 and "mean" in r.stdout
+    r = kdcache("eval", "--cache", str(cache), "--student", str(tmp_path / "nope"))
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and "nope" in r.stderr

@@ -1,0 +1,103 @@
+"""Per-domain evaluation of a student on a cache split (`kdcache eval`, DESIGN.md).
+
+Over every position with a teacher distribution (the batch's loss_mask), per domain:
+    student_ce  mean cross-entropy of the student on the actual next token
+    teacher_ce  mean of -target_logprobs from the cache (the teacher's CE on the same tokens)
+    kl          mean forward KL(teacher || student) on the K+1 buckets (LOSSES["fkl"])
+    ppl         exp(student_ce)
+`mean` averages these over domains (each domain counts once) and sums `tokens`.
+
+Rows are read in cache order (domains sorted, shards and row groups in manifest order) and batched with
+trainer.data.collate; one batch's logits exist at a time and the losses are computed in chunks of positions.
+"""
+
+import math
+
+import torch
+
+from cache_format import Cache, CacheError, KdcacheError
+from trainer.data import check_cache, collate
+from trainer.losses import LOSSES, cross_entropy
+
+KEYS = ("student_ce", "teacher_ce", "kl", "ppl")
+
+
+def _batches(cache: Cache, split: str, domain: str, batch_size: int, max_rows: int | None):
+    rows = []
+    for i, row in enumerate(cache.iter_rows(split, domain)):
+        if max_rows is not None and i >= max_rows:
+            break
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield collate(rows, cache.manifest.tokenizer.eos_id)
+            rows = []
+    if rows:
+        yield collate(rows, cache.manifest.tokenizer.eos_id)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@torch.inference_mode()
+def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_rows_per_domain: int | None = None,
+             device=None, chunk_size: int = 2048) -> dict:
+    """{"split", "domains": {D: {"tokens", "student_ce", "teacher_ce", "kl", "ppl"}}, "mean": {same keys}}.
+
+    device: where batches go (None: the model's device). chunk_size: positions per loss chunk.
+    Raises CacheError naming a missing/truncated/corrupt shard, KdcacheError for an empty split or a student
+    whose logits cannot cover the cache's ids.
+    """
+    if batch_size < 1:
+        raise KdcacheError(f"batch_size must be >= 1, got {batch_size}")
+    check_cache(cache, split)
+    domains = cache.domains(split)
+    if not domains:
+        hint = " (capture with --val-fraction > 0 to get a val split)" if split == "val" else ""
+        raise KdcacheError(f"{cache.root}: split {split!r} has no rows{hint}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    fkl = LOSSES["fkl"]
+    report: dict = {"split": split, "domains": {}, "mean": {}}
+    try:
+        for domain in domains:
+            n, s_ce, t_ce, kl = 0, 0.0, 0.0, 0.0
+            for batch in _batches(cache, split, domain, batch_size, max_rows_per_domain):
+                input_ids = batch["input_ids"].to(device)                                   # (B, T)
+                logits = model(input_ids=input_ids,
+                               attention_mask=batch["attention_mask"].to(device)).logits   # (B, T, V)
+                mask = batch["loss_mask"].to(device)                                        # (B, T)
+                targets = torch.roll(input_ids, -1, dims=1)                                 # (B, T) next token
+                logits = logits[mask]                                                       # (N, V)
+                targets = targets[mask]                                                     # (N,)
+                topk_ids = batch["topk_ids"].to(device)[mask]                               # (N, K)
+                topk_lps = batch["topk_logprobs"].to(device)[mask]                          # (N, K)
+                target_lps = batch["target_logprobs"].to(device)[mask]                      # (N,)
+                V = logits.shape[-1]
+                if topk_ids.numel() and int(topk_ids.max()) >= V:
+                    raise KdcacheError(f"the student has {V} output logits but the cache holds token id "
+                                       f"{int(topk_ids.max())} (split {split!r}, domain {domain!r})")
+                if not torch.isfinite(target_lps).all():
+                    raise CacheError(f"{cache.root}: non-finite target_logprobs in split {split!r}, "
+                                     f"domain {domain!r}")
+                for s in range(0, logits.shape[0], chunk_size):
+                    sl = slice(s, s + chunk_size)
+                    s_ce += cross_entropy(logits[sl], targets[sl]).double().sum().item()
+                    kl += fkl(logits[sl], topk_ids[sl], topk_lps[sl]).double().sum().item()
+                t_ce += -target_lps.double().sum().item()
+                n += int(mask.sum())
+                del logits
+            stats = {"tokens": n, "student_ce": s_ce / max(n, 1), "teacher_ce": t_ce / max(n, 1),
+                     "kl": kl / max(n, 1)}
+            stats["ppl"] = math.exp(min(stats["student_ce"], 700.0))
+            report["domains"][domain] = stats
+    finally:
+        model.train(was_training)
+    per = report["domains"].values()
+    report["mean"] = {"tokens": sum(d["tokens"] for d in per),
+                      **{k: sum(d[k] for d in per) / len(report["domains"]) for k in KEYS}}
+    return report

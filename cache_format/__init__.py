@@ -15,6 +15,6 @@ from .writer import ShardWriter, file_sha256
 __all__ = [
     "Cache", "CacheError", "DomainInfo", "FORMAT_VERSION", "KdcacheError", "MANIFEST_NAME", "Manifest", "SPLITS",
     "ShardInfo", "ShardWriter", "SplitRule", "TeacherInfo", "TokenizerInfo", "TopkV1", "VerifyReport",
-    "codec_from_params", "file_sha256", "files_fingerprint", "open_cache", "read_manifest", "tokenizer_fingerprint", "verify_cache",
-    "write_manifest",
+    "codec_from_params", "file_sha256", "files_fingerprint", "open_cache", "read_manifest", "tokenizer_fingerprint",
+    "verify_cache", "write_manifest",
 ]

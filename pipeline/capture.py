@@ -88,20 +88,17 @@ def run_capture(cfg: CaptureConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
-    from .teachers import check_teacher_path, load_teacher, model_max_positions, model_name, weights_fingerprint
-    check_teacher_path(cfg.teacher)
+    from .teachers import load_teacher, model_name, read_model_config, resolve_backend, weights_fingerprint
+    model_config = read_model_config(cfg.teacher)
     files = {spec.domain: resolve_files(spec) for spec in cfg.data}         # bad data paths fail before any work
     tokenizer = _load_tokenizer(cfg.teacher)
-    vocab = _config_vocab_size(cfg.teacher)
+    vocab = int(model_config["vocab_size"])
     if cfg.top_k > vocab:
         raise KdcacheError(f"--top-k {cfg.top_k} is above the teacher's vocabulary size {vocab}")
-    max_pos = model_max_positions(cfg.teacher)
+    max_pos = model_config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise KdcacheError(f"--seq-len {cfg.seq_len} is above the teacher's max_position_embeddings {max_pos}")
-    if cfg.backend is None:
-        from .teachers import vllm_available
-        cfg = replace(cfg, backend="vllm" if vllm_available()[0] else "hf")
-        log.info("backend: %s (choose with --backend)", cfg.backend)
+    cfg = replace(cfg, backend=resolve_backend(cfg.backend))
 
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
@@ -266,12 +263,6 @@ def _load_tokenizer(path: str):
     if tokenizer.eos_token_id is None:
         raise KdcacheError(f"--teacher {path}: tokenizer has no eos token (needed to join documents)")
     return tokenizer
-
-
-def _config_vocab_size(path: str) -> int:
-    config = json.loads((Path(path) / "config.json").read_text())
-    config = config.get("text_config", config)
-    return int(config["vocab_size"])
 
 
 def _atomic_write_json(path: Path, obj) -> None:

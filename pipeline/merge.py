@@ -12,7 +12,6 @@ from cache_format.manifest import Manifest
 from .capture import CONFIG_NAME, _atomic_write_json
 
 log = logging.getLogger("kdcache")
-WORKER_KEYS = ("num_workers", "worker_index")
 
 
 def run_merge(parts: list[str], out: str) -> Path:

@@ -29,14 +29,6 @@ def weights_fingerprint(path: str) -> str:
     return files_fingerprint([root / "config.json", *weights])
 
 
-def check_teacher_path(path: str) -> None:
-    p = Path(path)
-    if not p.is_dir():
-        raise KdcacheError(f"--teacher {path}: no such model directory")
-    if not (p / "config.json").exists():
-        raise KdcacheError(f"--teacher {path}: no config.json (not a Hugging Face model directory)")
-
-
 def vllm_available() -> tuple[bool, str]:
     """Whether the vLLM engine can run here, and why not."""
     try:
@@ -49,22 +41,23 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _with_last_position(ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray) -> TopkRow:
+    """Arrays for positions 0..T-2 -> a row's arrays with the last position (no distribution) appended."""
+    k = ids.shape[1]
+    return (np.concatenate([ids.astype(np.int32), np.zeros((1, k), np.int32)]),                  # (T, K)
+            np.concatenate([logprobs.astype(np.float32), np.full((1, k), -np.inf, np.float32)]),  # (T, K)
+            np.append(target.astype(np.float32), np.float32(np.nan)))                            # (T,)
+
+
 def _rows_from_logprobs(logprobs: torch.Tensor, rows: list[np.ndarray], k: int) -> list[TopkRow]:
     """(B, T, V) float32 log-probs of right-padded rows -> per-row top-k arrays (see module docstring)."""
     out = []
     for b, ids in enumerate(rows):
-        T = len(ids)
-        lp = logprobs[b, : T - 1]                                          # (T-1, V)
+        lp = logprobs[b, : len(ids) - 1]                                   # (T-1, V)
         values, indices = lp.topk(k, dim=-1)                               # (T-1, K), sorted
         nxt = torch.as_tensor(ids[1:], dtype=torch.long, device=lp.device)
         target = lp.gather(-1, nxt[:, None])[:, 0]                         # (T-1,)
-        topk_ids = np.zeros((T, k), np.int32)
-        topk_logprobs = np.full((T, k), -np.inf, np.float32)
-        target_logprobs = np.full(T, np.nan, np.float32)
-        topk_ids[:-1] = indices.cpu().numpy()
-        topk_logprobs[:-1] = values.float().cpu().numpy()
-        target_logprobs[:-1] = target.float().cpu().numpy()
-        out.append((topk_ids, topk_logprobs, target_logprobs))
+        out.append(_with_last_position(indices.cpu().numpy(), values.cpu().numpy(), target.cpu().numpy()))
     return out
 
 
@@ -115,7 +108,7 @@ class VLLMTeacher:
         # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
         # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
         max_model_len = max_model_len or seq_len + 1
-        if max_model_len > (model_max_positions(path) or max_model_len):
+        if max_model_len > read_model_config(path).get("max_position_embeddings", max_model_len):
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         from vllm import LLM
 
@@ -151,11 +144,8 @@ def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
     """vLLM FlatLogprobs of one prompt -> arrays. Entry t >= 1 is the distribution that predicted token t (so the
     cache's position t-1); each holds k+1 entries: the actual token first (with its rank), then the top-k in rank
     order, also when the actual token is inside the top-k (observed in vllm 0.32, checked by a test)."""
-    topk_ids = np.zeros((T, k), np.int32)
-    topk_logprobs = np.full((T, k), -np.inf, np.float32)
-    target_logprobs = np.full(T, np.nan, np.float32)
     if T == 1:                                                             # a lone token predicts nothing
-        return topk_ids, topk_logprobs, target_logprobs
+        return _with_last_position(np.zeros((0, k)), np.zeros((0, k)), np.zeros(0))
     starts = np.asarray(flat.start_indices[1:T])                           # (T-1,)
     ends = np.asarray(flat.end_indices[1:T])
     if not (ends - starts == k + 1).all():
@@ -163,8 +153,7 @@ def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
                            f"entries per position, expected k+1={k + 1}")
     ids = np.asarray(flat.token_ids[starts[0]:ends[-1]], dtype=np.int32).reshape(T - 1, k + 1)
     lps = np.asarray(flat.logprobs[starts[0]:ends[-1]], dtype=np.float32).reshape(T - 1, k + 1)
-    topk_ids[:-1], topk_logprobs[:-1], target_logprobs[:-1] = ids[:, 1:], lps[:, 1:], lps[:, 0]
-    return topk_ids, topk_logprobs, target_logprobs
+    return _with_last_position(ids[:, 1:], lps[:, 1:], lps[:, 0])
 
 
 def _vllm_version() -> str:
@@ -176,32 +165,35 @@ def _vllm_version() -> str:
     return "unknown"
 
 
-def load_teacher(path: str, backend: str | None, k: int, seq_len: int, dtype: str = "auto", **vllm_options):
-    """The chosen engine (default: vllm when it can run, else hf), logging which and why."""
-    check_teacher_path(path)
+def resolve_backend(backend: str | None) -> str:
+    """--backend as given, or vllm when it can run, else hf (logged); an explicit vllm that cannot run is an error."""
+    ok, why = vllm_available()
     if backend is None:
-        ok, why = vllm_available()
         backend = "vllm" if ok else "hf"
-        log.info("backend: %s%s", backend, "" if ok else f" ({why})")
+        log.info("backend: %s%s (choose with --backend)", backend, "" if ok else f", {why}")
+    elif backend == "vllm" and not ok:
+        raise KdcacheError(f"--backend vllm: {why} (install the `vllm` extra, or `cpu` on CPU hosts)")
+    return backend
+
+
+def load_teacher(path: str, backend: str, k: int, seq_len: int, dtype: str = "auto", **vllm_options):
+    """A started engine of the given backend."""
     if backend == "vllm":
-        ok, why = vllm_available()
-        if not ok:
-            raise KdcacheError(f"--backend vllm: {why} (install the `vllm` extra, or `cpu` on CPU hosts)")
-        teacher = VLLMTeacher(path, k, seq_len, dtype=dtype, **vllm_options)
-    else:
-        teacher = HFTeacher(path, dtype=dtype)
-    if k > teacher.vocab_size:
-        teacher.close()
-        raise KdcacheError(f"--top-k {k} is above the teacher's vocabulary size {teacher.vocab_size}")
-    return teacher
+        return VLLMTeacher(path, k, seq_len, dtype=dtype, **vllm_options)
+    return HFTeacher(path, dtype=dtype)
 
 
-def model_max_positions(path: str) -> int | None:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return config.get("max_position_embeddings")
+def read_model_config(path: str) -> dict:
+    """The teacher's config.json (a multimodal model's text_config), after checking the directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise KdcacheError(f"--teacher {path}: no such model directory")
+    if not (p / "config.json").exists():
+        raise KdcacheError(f"--teacher {path}: no config.json (not a Hugging Face model directory)")
+    config = json.loads((p / "config.json").read_text())
+    return {**config, **config.get("text_config", {})}
 
 
 def model_name(path: str) -> str:
-    config = json.loads((Path(path) / "config.json").read_text())
-    name = config.get("_name_or_path") or ""
+    name = read_model_config(path).get("_name_or_path") or ""
     return name if name and not os.path.isabs(name) else Path(path).resolve().name

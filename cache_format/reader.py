@@ -1,5 +1,6 @@
 """Reading a cache: open_cache(path) -> Cache; rows come back as dicts of numpy arrays."""
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import CacheError
-from .manifest import Manifest, ShardInfo, read_manifest
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
 from .schema import SPLITS, codec_from_params
 from .writer import file_sha256
 
@@ -21,6 +22,11 @@ class Cache:
         self.manifest = manifest
         self.codec = codec_from_params(manifest.codec, manifest.top_k)
         self._checked: set[str] = set()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of manifest.json: names this exact cache (its shards' checksums are inside)."""
+        return hashlib.sha256((self.root / MANIFEST_NAME).read_bytes()).hexdigest()
 
     def domains(self, split: str = "train") -> list[str]:
         """Domains with at least one row in `split`, sorted by name."""
@@ -56,7 +62,8 @@ class Cache:
         self._checked.add(shard.path)
 
     def num_row_groups(self, shard: ShardInfo) -> int:
-        return self._parquet(shard).metadata.num_row_groups
+        """From the Parquet footer after the size check only: planning a read never hashes the whole shard."""
+        return self._parquet(shard, verify=False).metadata.num_row_groups
 
     def read_row_group(self, shard: ShardInfo, index: int) -> Iterator[dict]:
         """Decoded rows of one row group (the unit a data loader schedules)."""
@@ -77,8 +84,11 @@ class Cache:
             for g in range(self.num_row_groups(shard)):
                 yield from self.read_row_group(shard, g)
 
-    def _parquet(self, shard: ShardInfo) -> pq.ParquetFile:
-        self.check_shard(shard)
+    def _parquet(self, shard: ShardInfo, verify: bool = True) -> pq.ParquetFile:
+        if verify:
+            self.check_shard(shard)
+        else:
+            self.check_shard_size(shard)
         try:
             return pq.ParquetFile(self.root / shard.path)
         except (OSError, pa.ArrowException) as e:

@@ -4,7 +4,7 @@ Depends on pyarrow, numpy and the standard library only (never torch or vllm), s
 """
 
 from .errors import CacheError, KdcacheError
-from .fingerprint import files_fingerprint, tokenizer_fingerprint
+from .fingerprint import files_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from .manifest import (MANIFEST_NAME, DomainInfo, Manifest, ShardInfo, SplitRule, TeacherInfo, TokenizerInfo,
                        read_manifest, write_manifest)
 from .reader import Cache, open_cache
@@ -16,5 +16,5 @@ __all__ = [
     "Cache", "CacheError", "DomainInfo", "FORMAT_VERSION", "KdcacheError", "MANIFEST_NAME", "Manifest", "SPLITS",
     "ShardInfo", "ShardWriter", "SplitRule", "TeacherInfo", "TokenizerInfo", "TopkV1", "VerifyReport",
     "codec_from_params", "file_sha256", "files_fingerprint", "open_cache", "read_manifest", "tokenizer_fingerprint",
-    "verify_cache", "write_manifest",
+    "verify_cache", "weights_fingerprint", "write_manifest",
 ]

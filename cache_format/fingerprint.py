@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -34,3 +35,10 @@ def files_fingerprint(paths: list, sample: int = 1 << 20) -> str:
             f.seek(max(0, size - sample))
             h.update(f.read(sample))
     return h.hexdigest()
+
+
+def weights_fingerprint(model_dir: str | os.PathLike) -> str:
+    """files_fingerprint of a model directory's config.json and every weight file (names, sizes, first and last MiB)."""
+    root = Path(model_dir)
+    weights = sorted(p for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+    return files_fingerprint([root / "config.json", *weights])

@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cache_format import (DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter, SplitRule, TeacherInfo,
-                          TokenizerInfo, TopkV1, files_fingerprint, tokenizer_fingerprint, write_manifest)
+                          TokenizerInfo, TopkV1, files_fingerprint, tokenizer_fingerprint, weights_fingerprint,
+                          write_manifest)
 from cache_format.manifest import MANIFEST_NAME
 
 from . import __version__
@@ -88,7 +89,7 @@ def run_capture(cfg: CaptureConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
-    from .teachers import load_teacher, model_name, read_model_config, resolve_backend, weights_fingerprint
+    from .teachers import load_teacher, model_name, read_model_config, resolve_backend
     model_config = read_model_config(cfg.teacher)
     files = {spec.domain: resolve_files(spec) for spec in cfg.data}         # bad data paths fail before any work
     tokenizer = _load_tokenizer(cfg.teacher)

@@ -41,10 +41,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="kdcache: %(message)s", stream=sys.stderr)
 
 
-def not_yet(command: str, issue: str) -> None:
-    raise KdcacheError(f"`kdcache {command}` is not yet implemented (arrives with the {issue} issue)")
-
-
 @cli.command()
 @click.option("--teacher", help="HF model directory of the teacher.")
 @click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
@@ -80,15 +76,20 @@ def capture(ctx: click.Context, config_path: str | None, data: tuple[str, ...], 
         if not specs and "data" in file_options:
             specs = load_mixture(config_path)
         file_options.pop("data", None)
-        for name, value in file_options.items():
-            if name not in options:
-                raise KdcacheError(f"{config_path}: unknown option {name!r}")
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-                options[name] = value
+        _apply_file_options(ctx, config_path, file_options, options)
     for name in ("teacher", "out"):
         if not options[name]:
             raise click.UsageError(f"Missing option '--{name}'.")
     run_capture(CaptureConfig(data=tuple(specs), **options))
+
+
+def _apply_file_options(ctx: click.Context, path: str, file_options: dict, options: dict) -> None:
+    """Options from a --config file fill in what the command line left at its default."""
+    for name, value in file_options.items():
+        if name not in options:
+            raise KdcacheError(f"{path}: unknown option {name!r}")
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            options[name] = value
 
 
 def _yaml_options(path: str) -> dict:
@@ -168,31 +169,81 @@ def verify(cache: str) -> None:
 
 @cli.command()
 @click.option("--cache", required=True)
-@click.option("--student", required=True)
-@click.option("--out", required=True)
+@click.option("--student", required=True, help="HF model directory of the student.")
+@click.option("--out", required=True, help="profile.json to write.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
-def profile(**_) -> None:
-    """Per-domain student-vs-teacher gap on held-out data (DDK's domain discrepancy)."""
-    not_yet("profile", "DDK")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-rows-per-domain", type=int, default=None,
+              help="Validation budget in sequences per domain (default: all).")
+def profile(cache: str, student: str, out: str, split: str, batch_size: int, max_rows_per_domain: int | None) -> None:
+    """Per-domain student-vs-teacher gap on held-out data (DDK's domain discrepancy) and DDK's initial weights."""
+    from .profile import format_profile_table, run_profile
+
+    result = run_profile(cache, student, out, split=split, batch_size=batch_size,
+                         max_rows_per_domain=max_rows_per_domain)
+    click.echo(format_profile_table(result))
+    logging.getLogger("kdcache").info("profile written to %s", out)
+
+
+def _train_default(name: str):
+    from trainer.train import TrainConfig
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _opt(name: str, type_=None, help_: str | None = None, **kw):
+    """A train option whose default is TrainConfig's."""
+    flag = "--" + name.replace("_", "-")
+    if type_ is bool:
+        flag = f"{flag}/--no-{name.replace('_', '-')}"
+    return click.option(flag, name, type=None if type_ is bool else type_, default=_train_default(name),
+                        show_default=True, help=help_, **kw)
 
 
 @cli.command()
-@click.option("--cache", required=True)
-@click.option("--student", required=True)
-@click.option("--out", required=True)
-@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]), default="fkl",
-              show_default=True)
-@click.option("--sampling", type=click.Choice(["ddk", "uniform", "natural"]), default="natural", show_default=True)
-@click.option("--adakd/--no-adakd", default=False, show_default=True)
-@click.option("--steps", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=3e-4, show_default=True)
-@click.option("--ce-weight", type=float, default=0.0, show_default=True)
-@click.option("--config", "config_path", default=None)
-@click.option("--resume", is_flag=True)
-def train(**_) -> None:
+@click.option("--cache", help="Cache directory written by `kdcache capture`.")
+@click.option("--student", help="HF model directory of the student (same tokenizer as the teacher).")
+@click.option("--out", help="Run directory: metrics, checkpoints, final student, plots.")
+@_opt("loss", click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]),
+      "Divergence on the K+1 buckets; ce = plain continued pre-training (no teacher).")
+@_opt("kd_weight", float, "Weight of the KD term.")
+@_opt("ce_weight", float, "Weight of cross-entropy on the actual next token, mixed into any KD loss.")
+@_opt("temperature", float)
+@_opt("jsd_beta", float, "jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention).")
+@_opt("skew_alpha", float, "sfkl/srkl: the skew (DistiLLM).")
+@_opt("akl_mu", float, "akl: head mass threshold.")
+@_opt("sampling", click.Choice(["natural", "uniform"]), "Domain mix: natural = token shares, uniform.")
+@_opt("steps", int, "Optimizer steps.")
+@_opt("batch_size", int, "Rows per micro-batch.")
+@_opt("grad_accum", int, "Micro-batches per optimizer step.")
+@_opt("lr", float, "Peak learning rate (AdamW).")
+@_opt("min_lr_ratio", float, "Cosine decays to lr * this.")
+@_opt("warmup_steps", int, "Linear warm-up steps (default: 5 % of --steps).")
+@_opt("weight_decay", float)
+@_opt("grad_clip", float, "Max gradient norm (0: no clipping).")
+@_opt("seed", int)
+@_opt("chunk_size", int, "Positions per lm_head chunk (memory vs speed).")
+@_opt("precision", click.Choice(["auto", "fp32", "bf16"]), "auto: bf16 autocast on GPU, fp32 on CPU.")
+@_opt("gradient_checkpointing", bool)
+@_opt("compile", bool, "torch.compile the student body.")
+@_opt("device", str, "Default: cuda if available, else cpu.")
+@_opt("save_every", int, "Checkpoint every N steps (0: none); needed for --resume.")
+@_opt("keep_checkpoints", int)
+@_opt("log_every", int, "Write a metrics.jsonl record every N steps.")
+@_opt("eval_rows", int, "Val rows per domain for the final eval (0: skip).")
+@_opt("prefetch", int, "Batches read ahead on a background thread.")
+@click.option("--config", "config_path", default=None, help="YAML file: any of these options (underscored names).")
+@click.option("--resume", is_flag=True, help="Continue RUN from its latest checkpoint (same config and cache).")
+@click.pass_context
+def train(ctx: click.Context, config_path: str | None, **options) -> None:
     """Train a student from the cache (never loads the teacher)."""
-    not_yet("train", "trainer")
+    from trainer.train import TrainConfig, run_train
+
+    if config_path:
+        _apply_file_options(ctx, config_path, _yaml_options(config_path), options)
+    for name in ("cache", "student", "out"):
+        if not options[name]:
+            raise click.UsageError(f"Missing option '--{name}'.")
+    run_train(TrainConfig(**options))
 
 
 @cli.command("eval")

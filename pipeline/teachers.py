@@ -16,17 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_format import KdcacheError, files_fingerprint
+from cache_format import KdcacheError
 
 log = logging.getLogger("kdcache")
 TopkRow = tuple[np.ndarray, np.ndarray, np.ndarray]   # topk_ids (T, K), topk_logprobs (T, K), target_logprobs (T,)
-
-
-def weights_fingerprint(path: str) -> str:
-    """files_fingerprint of config.json and every weight file (names, sizes, first and last MiB)."""
-    root = Path(path)
-    weights = sorted(p for p in root.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".gguf"})
-    return files_fingerprint([root / "config.json", *weights])
 
 
 def vllm_available() -> tuple[bool, str]:

@@ -157,49 +157,67 @@ def _decoupled(div, lp, lq, live, tau, **params):
         + (1 - t2) * div(*_binary(lp, lq, live), **params)
 
 
-def _bucket_loss(div, student_logits, topk_ids, topk_logprobs, temperature, **params):
-    lp, lq, live = bucket_logprobs(student_logits, topk_ids, topk_logprobs)
-    return _decoupled(div, lp, lq, live, _tau(temperature, lp), **params)
+# Bucket losses: (lp, lq, live) each (N, K+1), temperature (float or (N,)) -> (N,). Public: BUCKET_LOSSES.
+
+def _bucket(div):
+    def loss(lp, lq, live, temperature=1.0, **params):
+        return _decoupled(div, lp, lq, live, _tau(temperature, lp), **params)
+    loss.__name__, loss.__doc__ = div.__name__.lstrip("_"), div.__doc__
+    return loss
+
+
+def _akl(lp, lq, live, temperature=1.0, mu=0.5):
+    tau = _tau(temperature, lp)
+    w = _akl_head_weight(_temper(lp, live, tau), _temper(lq, live, tau), live, mu)   # (N,)
+    return w * _decoupled(_fkl, lp, lq, live, tau) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau)
+
+
+BUCKET_LOSSES: dict[str, Callable] = {"fkl": _bucket(_fkl), "rkl": _bucket(_rkl), "jsd": _bucket(_jsd),
+                                      "sfkl": _bucket(_sfkl), "srkl": _bucket(_srkl), "tvd": _bucket(_tvd),
+                                      "akl": _akl}
+
+
+def _logits_loss(name):
+    def loss(student_logits, topk_ids, topk_logprobs, temperature=1.0, **params):
+        return BUCKET_LOSSES[name](*bucket_logprobs(student_logits, topk_ids, topk_logprobs), temperature, **params)
+    return loss
 
 
 # Public losses: (student_logits (N, V), topk_ids (N, K), topk_logprobs (N, K), temperature) -> (N,) float32.
 
 def fkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
     """Forward KL(p || q)."""
-    return _bucket_loss(_fkl, student_logits, topk_ids, topk_logprobs, temperature)
+    return _logits_loss("fkl")(student_logits, topk_ids, topk_logprobs, temperature)
 
 
 def rkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
     """Reverse KL(q || p)."""
-    return _bucket_loss(_rkl, student_logits, topk_ids, topk_logprobs, temperature)
+    return _logits_loss("rkl")(student_logits, topk_ids, topk_logprobs, temperature)
 
 
 def jsd(student_logits, topk_ids, topk_logprobs, temperature=1.0, beta=0.5):
     """Generalised JSD, TRL GKD convention: m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m); 0 fkl, 1 rkl."""
-    return _bucket_loss(_jsd, student_logits, topk_ids, topk_logprobs, temperature, beta=beta)
+    return _logits_loss("jsd")(student_logits, topk_ids, topk_logprobs, temperature, beta=beta)
 
 
 def sfkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
     """Skew forward KL (DistiLLM): KL(p || alpha p + (1-alpha) q)."""
-    return _bucket_loss(_sfkl, student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
+    return _logits_loss("sfkl")(student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
 
 
 def srkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
     """Skew reverse KL (DistiLLM): KL(q || alpha q + (1-alpha) p)."""
-    return _bucket_loss(_srkl, student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
+    return _logits_loss("srkl")(student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
 
 
 def tvd(student_logits, topk_ids, topk_logprobs, temperature=1.0):
     """Total variation 0.5 sum |p - q|."""
-    return _bucket_loss(_tvd, student_logits, topk_ids, topk_logprobs, temperature)
+    return _logits_loss("tvd")(student_logits, topk_ids, topk_logprobs, temperature)
 
 
 def akl(student_logits, topk_ids, topk_logprobs, temperature=1.0, mu=0.5):
     """Adaptive KL (Wu et al. 2024): w_head FKL + w_tail RKL, weights g_head/g, g_tail/g without gradient."""
-    lp, lq, live = bucket_logprobs(student_logits, topk_ids, topk_logprobs)
-    tau = _tau(temperature, lp)
-    w = _akl_head_weight(_temper(lp, live, tau), _temper(lq, live, tau), live, mu)   # (N,)
-    return w * _decoupled(_fkl, lp, lq, live, tau) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau)
+    return _logits_loss("akl")(student_logits, topk_ids, topk_logprobs, temperature, mu=mu)
 
 
 LOSSES: dict[str, Callable] = {"fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl}
@@ -217,35 +235,48 @@ def masked_mean(per_token, mask, num_tokens=None):
     return total / torch.as_tensor(count, device=total.device).clamp_min(1)
 
 
+def chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size=1024, vocab_size=None,
+                    buckets=True):
+    """The student's K+1 bucket log-probs and CE without holding all (N, V) logits at once.
+
+    hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows (padding rows ignored), topk_* (N, K),
+    targets (N,). Each chunk of positions runs under activation checkpointing: its logits exist only inside the
+    chunk and are recomputed in backward. Returns ((lp, lq, live) each (N, K+1), or None when buckets=False; ce (N,)).
+    Any loss or weighting that needs only the buckets (every BUCKET_LOSSES entry, AdaKD's difficulty) then costs
+    (N, K+1) memory, not (N, V).
+    """
+    w = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]      # (V, D)
+
+    def chunk(h, ids, lps, tgt):
+        logits = h @ w.T                                                            # (n, V)
+        return (*bucket_logprobs(logits, ids, lps), cross_entropy(logits, tgt)) if buckets \
+            else cross_entropy(logits, tgt)
+
+    parts = [checkpoint(chunk, hidden[s:s + chunk_size], topk_ids[s:s + chunk_size],
+                        topk_logprobs[s:s + chunk_size], targets[s:s + chunk_size], use_reentrant=False)
+             for s in range(0, hidden.shape[0], chunk_size)]
+    if not buckets:
+        return None, torch.cat(parts)
+    lp, lq, live, ce = (torch.cat(x) for x in zip(*parts))
+    return (lp, lq, live), ce
+
+
 def chunked_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, mask, loss_fn, ce_weight=0.0,
                  kd_weight=1.0, temperature=1.0, chunk_size=1024, vocab_size=None, **params):
     """Masked mean of kd_weight * KD + ce_weight * CE without holding all (N, V) logits at once.
 
     hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows, topk_* (N, K), targets and mask (N,),
-    temperature a float or (N,). loss_fn is a LOSSES name, a callable with the LOSSES signature, or "ce" (CE only).
-    Each chunk of positions runs under activation checkpointing, so its logits are recomputed in backward.
+    temperature a float or (N,). loss_fn is a LOSSES / BUCKET_LOSSES name, a bucket-loss callable
+    (lp, lq, live, temperature, **params) -> (N,), or "ce" (CE only). See chunked_buckets for the memory.
     Returns (loss, {"kd_loss", "ce_loss"}): the stats are detached masked means, as tensors.
     """
     if loss_fn == "ce":
-        kd_fn, kd_weight, ce_weight = None, 0.0, 1.0
-    else:
-        kd_fn = LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
-    w = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]      # (V, D)
-    per_position_tau = torch.is_tensor(temperature) and temperature.dim() > 0
-
-    def chunk(h, ids, lps, tgt, tau):
-        logits = h @ w.T                                                            # (n, V)
-        ce = cross_entropy(logits, tgt)                                             # (n,)
-        kd = torch.zeros_like(ce) if kd_fn is None else kd_fn(logits, ids, lps, tau, **params)
-        return kd, ce
-
-    kd, ce = [], []
-    for s in range(0, hidden.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        tau = temperature[sl] if per_position_tau else temperature
-        k, c = checkpoint(chunk, hidden[sl], topk_ids[sl], topk_logprobs[sl], targets[sl], tau, use_reentrant=False)
-        kd.append(k)
-        ce.append(c)
-    kd, ce = torch.cat(kd), torch.cat(ce)                                           # (N,)
+        _, ce = chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size, vocab_size,
+                                buckets=False)
+        loss = masked_mean(ce, mask)
+        return loss, {"kd_loss": torch.zeros_like(loss).detach(), "ce_loss": loss.detach()}
+    kd_fn = BUCKET_LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
+    buckets, ce = chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size, vocab_size)
+    kd = kd_fn(*buckets, temperature, **params)                                     # (N,)
     loss = masked_mean(kd_weight * kd + ce_weight * ce, mask)
     return loss, {"kd_loss": masked_mean(kd, mask).detach(), "ce_loss": masked_mean(ce, mask).detach()}

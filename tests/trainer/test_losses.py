@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.losses import LOSSES, chunked_loss, cross_entropy, masked_mean
+from trainer.losses import BUCKET_LOSSES, LOSSES, chunked_loss, cross_entropy, masked_mean
 
 F_DIVERGENCES = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.5}),
                  ("jsd", {"beta": 0.9}), ("jsd", {"beta": 1.0}), ("sfkl", {}), ("sfkl", {"alpha": 0.5}),
@@ -307,7 +307,8 @@ def test_chunked_equals_unchunked(name, params, chunk_size):
 
 def test_chunked_callable_and_scalar_temperature():
     hidden, w, ids, lp, targets, mask = _chunked_inputs(16)
-    a, _ = chunked_loss(hidden, w, ids, lp, targets, mask, LOSSES["srkl"], temperature=2.0, chunk_size=5, alpha=0.3)
+    a, _ = chunked_loss(hidden, w, ids, lp, targets, mask, BUCKET_LOSSES["srkl"], temperature=2.0, chunk_size=5,
+                        alpha=0.3)
     b = _unchunked(hidden, w, ids, lp, targets, mask, "srkl", 0.0, 1.0, 2.0, alpha=0.3)
     torch.testing.assert_close(a, b)
 

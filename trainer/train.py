@@ -1,0 +1,380 @@
+"""`kdcache train`: one readable loop that distils a student from a cache. The teacher is never loaded.
+
+Each optimizer step:
+    weights = sampler.weights                                   domain mix: natural | uniform (| ddk)
+    grad_accum times:
+        batch  = stream.next_batch(weights)                     (B, T) ids + the teacher's (B, T, K) top-k
+        hidden = student body(batch.input_ids)                  (B, T, D)
+        buckets, ce = chunked_buckets(hidden, lm_head, ...)     (B*T, K+1) and (B*T,): (B, T, V) never at once
+        loss = kd_weight * KD(buckets) + ce_weight * CE         masked means over positions with a teacher
+        backward
+    clip, AdamW with warm-up + cosine LR, log a metrics.jsonl record, sampler update, checkpoint every N steps
+
+RUN/ holds config.json (the resolved config and what it trained from), metrics.jsonl, tb/ (TensorBoard),
+checkpoints/step-NNNNNNNN/state.pt (model, optimizer, data stream, sampler, RNG: `--resume` continues bitwise on
+CPU), final/ (save_pretrained student + tokenizer), eval.json and PNG plots.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cache_format import Cache, KdcacheError, open_cache, weights_fingerprint
+from trainer.data import CacheStream, PrefetchStream
+from trainer.evaluate import evaluate
+from trainer.losses import BUCKET_LOSSES, chunked_buckets, masked_mean
+from trainer.plots import plot_domain_losses, plot_domain_weights, plot_losses
+from trainer.sampling import FixedSampler
+from trainer.student import load_student, resolve_device
+
+log = logging.getLogger("kdcache")
+
+LOSS_NAMES = (*BUCKET_LOSSES, "ce")
+SAMPLINGS = ("natural", "uniform")
+PRECISIONS = ("auto", "fp32", "bf16")
+# Options that may change on --resume without changing the run's results.
+RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "log_every", "prefetch", "device", "eval_rows")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    student: str
+    out: str
+    loss: str = "fkl"                  # a BUCKET_LOSSES name, or "ce": plain continued pre-training (CPT)
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1            # sfkl / srkl
+    akl_mu: float = 0.5
+    sampling: str = "natural"
+    steps: int = 1000                  # optimizer steps
+    batch_size: int = 8                # rows per micro-batch
+    grad_accum: int = 1                # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    warmup_steps: int | None = None    # None: 5 % of the steps
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0             # max gradient norm; 0 disables clipping
+    seed: int = 0
+    chunk_size: int = 1024             # positions per lm_head chunk
+    precision: str = "auto"            # auto: bf16 autocast on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    device: str | None = None          # None: cuda if available, else cpu
+    save_every: int = 0                # checkpoint every N steps (0: none)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval_rows: int = 64                # val rows per domain for the final eval (0: skip)
+    prefetch: int = 2                  # batches read ahead on a background thread
+    resume: bool = False
+
+    def __post_init__(self):
+        def need(ok: bool, option: str, rule: str):
+            if not ok:
+                value = getattr(self, option)
+                raise KdcacheError(f"--{option.replace('_', '-')} {value}: {rule}")
+
+        need(self.loss in LOSS_NAMES, "loss", f"unknown loss (expected one of {', '.join(LOSS_NAMES)})")
+        need(self.sampling in SAMPLINGS, "sampling", f"unknown sampling (expected one of {', '.join(SAMPLINGS)})")
+        need(self.precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}")
+        for name in ("steps", "batch_size", "grad_accum", "chunk_size", "log_every", "keep_checkpoints"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("save_every", "eval_rows", "prefetch", "kd_weight", "ce_weight", "weight_decay", "grad_clip"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.kd_weight + self.ce_weight > 0 or self.loss == "ce", "kd_weight", "kd and ce weights are both 0")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps, "warmup_steps",
+             f"must be in [0, steps={self.steps}]")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(0 <= self.jsd_beta <= 1, "jsd_beta", "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        need(0 <= self.skew_alpha < 1, "skew_alpha", "must be in [0, 1)")
+        need(0 < self.akl_mu <= 1, "akl_mu", "must be in (0, 1]")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam betas must be in [0, 1)")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 20
+
+    @property
+    def loss_params(self) -> dict:
+        return {"jsd": {"beta": self.jsd_beta}, "sfkl": {"alpha": self.skew_alpha},
+                "srkl": {"alpha": self.skew_alpha}, "akl": {"mu": self.akl_mu}}.get(self.loss, {})
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float) -> float:
+    """LR of optimizer step `step` (0-based): linear warm-up to `lr` over `warmup` steps, then cosine to
+    lr * min_ratio at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Train, write RUN/ (see the module docstring) and return the final eval report (or {})."""
+    run = Path(cfg.out)
+    cache = open_cache(cfg.cache)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_student(cfg.student, cache.manifest, device, dtype=torch.float32)
+    vocab = cache.manifest.tokenizer.vocab_size
+    lm_head = model.get_output_embeddings()
+    if getattr(lm_head, "bias", None) is not None:
+        raise KdcacheError(f"{cfg.student}: an output layer with a bias is not supported")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    body = torch.compile(model.base_model) if cfg.compile else model.base_model
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    torch.manual_seed(cfg.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+    sampler = FixedSampler(cache, cfg.sampling)
+    stream = CacheStream(cache, "train", cfg.batch_size, cfg.seed)             # checks every shard's size
+    ckpt = _prepare_run(run, cfg, _identity(cfg, cache))                      # after all input checks
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["stream"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        start = state["step"]
+        log.info("resuming %s from step %d (%s)", run, start, ckpt)
+    _write_metrics(run / "metrics.jsonl", _read_metrics(run / "metrics.jsonl", upto=start))
+
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(run / "tb", purge_step=start + 1)
+    measure = lambda: evaluate(cache, model, "val", cfg.batch_size, cfg.eval_rows, device)  # noqa: E731
+    t_run, trained_tokens = time.perf_counter(), 0
+    with PrefetchStream(stream, cfg.prefetch) as batches, open(run / "metrics.jsonl", "a") as metrics, \
+            tqdm(total=cfg.steps, initial=start, desc="train", unit="step", mininterval=2.0) as bar:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            weights = dict(sampler.weights)
+            stats, tokens, row_losses, row_domains = torch.zeros(3, device=device), 0, [], []
+            for _ in range(cfg.grad_accum):
+                batch = batches.next_batch(weights)
+                _check_ids(batch, vocab, step)
+                tokens += int(batch["attention_mask"].sum())                   # on the host: no sync
+                batch = _to_device(batch, device)
+                with autocast():
+                    loss, micro, row_loss = _micro_step(body, lm_head.weight, batch, cfg, vocab)
+                (loss / cfg.grad_accum).backward()
+                stats += torch.stack([loss.detach(), micro["kd_loss"], micro["ce_loss"]]) / cfg.grad_accum
+                row_losses.append(row_loss)
+                row_domains += batch["domains"]
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            loss_v, kd_v, ce_v, norm_v, *rows_v = torch.cat(
+                [stats, grad_norm.reshape(1).float(), *row_losses]).tolist()          # the step's one host sync
+            domain_loss = {}
+            for d, v in zip(row_domains, rows_v):
+                domain_loss.setdefault(d, []).append(v)
+            if not all(map(math.isfinite, (loss_v, kd_v, ce_v, norm_v))):
+                bad = sorted(d for d, vs in domain_loss.items() if not all(map(math.isfinite, vs))) \
+                    or sorted(domain_loss)                                  # a non-finite gradient: the whole batch
+                raise KdcacheError(f"non-finite loss at step {step + 1} (loss {loss_v}, grad norm {norm_v}; "
+                                   f"domains {', '.join(bad)}); stopped before the update. "
+                                   f"Lower --lr or check the cache with `kdcache verify`")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": loss_v, "kd_loss": kd_v, "ce_loss": ce_v, "lr": lr,
+                      "grad_norm": norm_v, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
+                      "domain_weights": weights,
+                      "domain_loss": {d: sum(vs) / len(vs) for d, vs in sorted(domain_loss.items())}}
+            record.update(sampler.maybe_update(step + 1, measure) or {})
+            trained_tokens += tokens
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                for key in ("loss", "kd_loss", "ce_loss", "lr", "grad_norm", "tokens_per_s"):
+                    tb.add_scalar(f"train/{key}", record[key], step + 1)
+                for d, w in weights.items():
+                    tb.add_scalar(f"domain_weight/{d}", w, step + 1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                metrics.flush()
+                os.fsync(metrics.fileno())
+                _save_checkpoint(run, cfg, step + 1, {
+                    "step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "stream": batches.state_dict(), "sampler": sampler.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
+    tb.close()
+    elapsed = time.perf_counter() - t_run
+    if cfg.steps > start:
+        log.info("trained %d steps in %.1fs (%.0f tokens/s)", cfg.steps - start, elapsed,
+                 trained_tokens / max(elapsed, 1e-9))
+    _save_final(run, model, tokenizer)
+    _plot(run, _read_metrics(run / "metrics.jsonl"))
+    report = {}
+    if cfg.eval_rows and cache.domains("val"):
+        report = measure()
+        _write_json(run / "eval.json", report)
+        log.info("val: mean student CE %.4f (ppl %.2f), teacher CE %.4f, KL %.4f -> %s", report["mean"]["student_ce"],
+                 report["mean"]["ppl"], report["mean"]["teacher_ce"], report["mean"]["kl"], run / "eval.json")
+    log.info("wrote the student to %s", run / "final")
+    return report
+
+
+def _micro_step(body, lm_head_weight, batch: dict, cfg: TrainConfig, vocab: int):
+    """(loss, {"kd_loss", "ce_loss"}, per-row loss (B,) detached) of one micro-batch."""
+    input_ids, mask = batch["input_ids"], batch["loss_mask"]                     # (B, T)
+    hidden = body(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, D)
+    B, T, D = hidden.shape
+    K = batch["topk_ids"].shape[-1]
+    targets = input_ids.roll(-1, dims=1)                                          # (B, T): position t -> token t+1
+    buckets, ce = chunked_buckets(hidden.reshape(B * T, D), lm_head_weight, batch["topk_ids"].reshape(B * T, K),
+                                  batch["topk_logprobs"].reshape(B * T, K), targets.reshape(B * T), cfg.chunk_size,
+                                  vocab, buckets=cfg.loss != "ce")               # (B*T, K+1) x3, (B*T,)
+    mask = mask.reshape(B * T)
+    if cfg.loss == "ce":
+        kd, kd_weight, ce_weight = torch.zeros_like(ce), 0.0, 1.0
+    else:
+        kd = BUCKET_LOSSES[cfg.loss](*buckets, cfg.temperature, **cfg.loss_params)  # (B*T,)
+        kd_weight, ce_weight = cfg.kd_weight, cfg.ce_weight
+    kd_loss, ce_loss = masked_mean(kd, mask), masked_mean(ce, mask)
+    loss = kd_weight * kd_loss + ce_weight * ce_loss
+    per_position = torch.where(mask, kd_weight * kd + ce_weight * ce, 0.0).reshape(B, T).detach()
+    row_loss = per_position.sum(1) / mask.reshape(B, T).sum(1).clamp_min(1)      # (B,)
+    return loss, {"kd_loss": kd_loss.detach(), "ce_loss": ce_loss.detach()}, row_loss
+
+
+def _check_ids(batch: dict, vocab: int, step: int) -> None:
+    top = int(batch["topk_ids"].max())
+    if top >= vocab:
+        raise KdcacheError(f"step {step + 1}: the cache holds teacher token id {top}, outside the tokenizer's "
+                           f"vocabulary of {vocab} (domains {sorted(set(batch['domains']))})")
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# The run directory.
+
+def _identity(cfg: TrainConfig, cache: Cache) -> dict:
+    """What decides the run's results: the config (less RESUME_FREE), the cache and the starting student."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+    return {"config": config, "cache_fingerprint": cache.fingerprint,
+            "student_fingerprint": weights_fingerprint(cfg.student) if Path(cfg.student, "config.json").is_file()
+            else None}
+
+
+def _prepare_run(run: Path, cfg: TrainConfig, identity: dict) -> Path | None:
+    """Create RUN (or check it for --resume); the checkpoint to resume from, if any."""
+    config_path = run / "config.json"
+    if not cfg.resume:
+        if config_path.exists():
+            raise KdcacheError(f"{run}: already holds a training run (config.json); pass --resume to continue it "
+                               f"or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, {**identity, "config": dataclasses.asdict(cfg), "resolved": {
+            "warmup_steps": cfg.warmup, "loss_params": cfg.loss_params, "torch": torch.__version__}})
+        return None
+    if not config_path.exists():
+        raise KdcacheError(f"--resume: {run} holds no training run (no config.json)")
+    saved = json.loads(config_path.read_text())
+    saved_identity = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in RESUME_FREE}}
+    diffs = [f"{k}: {saved_identity['config'].get(k)!r} -> {v!r}" for k, v in identity["config"].items()
+             if saved_identity["config"].get(k) != v]
+    for key, what in (("cache_fingerprint", "the cache"), ("student_fingerprint", "the starting student")):
+        if saved_identity.get(key) != identity[key]:
+            diffs.append(f"{what} ({key} differs)")
+    if diffs:
+        raise KdcacheError(f"--resume: {run} was started with another configuration: {'; '.join(diffs)}")
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise KdcacheError(f"--resume: no checkpoint in {run / 'checkpoints'} (train with --save-every N)")
+    return ckpt
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The finished checkpoint with the highest step (unfinished ones are *.tmp and ignored)."""
+    found = sorted(p for p in (run / "checkpoints").glob("step-*")
+                   if re.fullmatch(r"step-\d{8}", p.name) and (p / "state.pt").is_file())
+    return found[-1] if found else None
+
+
+def _save_checkpoint(run: Path, cfg: TrainConfig, step: int, state: dict) -> None:
+    """Write checkpoints/step-NNNNNNNN atomically (tmp dir + fsync + rename) and keep the newest keep_checkpoints."""
+    final = run / "checkpoints" / f"step-{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(p for p in final.parent.glob("step-*") if re.fullmatch(r"step-\d{8}", p.name)
+                      )[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def _save_final(run: Path, model, tokenizer) -> None:
+    tmp, final = run / "final.tmp", run / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _read_metrics(path: Path, upto: int | None = None) -> list[dict]:
+    """metrics.jsonl records (those with step <= upto when given: what a resumed run keeps)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if upto is None or r["step"] <= upto]
+
+
+def _write_metrics(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _plot(run: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    plot_losses(records, run / "loss.png")
+    plot_domain_losses(records, run / "domain_loss.png")
+    if len({json.dumps(r["domain_weights"], sort_keys=True) for r in records}) > 1:
+        plot_domain_weights(records, run / "domain_weights.png")

@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 NEG_INF = float("-inf")
 TINY = torch.finfo(torch.float32).tiny
@@ -37,23 +36,29 @@ def bucket_logprobs(student_logits, topk_ids, topk_logprobs):
     Returns (lp, lq, live), each (N, K+1). `live` marks buckets that exist: valid (finite) slots, and the tail
     unless the valid ids cover the whole vocabulary; dead buckets hold 0 and must be masked by the caller.
     The teacher's head is renormalised if rounding pushed its mass above 1, and a live tail gets at least
-    float32's smallest normal mass so that reverse-style terms stay finite.
+    float32's smallest normal mass so that reverse-style terms stay finite. This is the reference form on full
+    logits; chunked_buckets computes the same from hidden states without keeping (N, V) logits.
     """
     z = student_logits.float()                                                      # (N, V)
-    lt = topk_logprobs.float()                                                      # (N, K)
     ids = topk_ids.long()                                                           # (N, K)
-    valid = lt != NEG_INF                                                           # (N, K)
+    valid = topk_logprobs != NEG_INF                                                # (N, K)
     in_s = z.new_zeros(z.shape).scatter_add(-1, ids, valid.float()) > 0            # (N, V) only valid slots mask
     log_z = z.logsumexp(-1, keepdim=True)                                           # (N, 1)
     lq_tail = torch.where(in_s, NEG_INF, z).logsumexp(-1, keepdim=True) - log_z     # (N, 1)
     lq = torch.cat([z.gather(-1, ids) - log_z, lq_tail], -1)                        # (N, K+1)
+    lp, live = _teacher_buckets(topk_logprobs, ~in_s.all(-1))
+    return lp, torch.where(live, lq, 0.0), live
 
+
+def _teacher_buckets(topk_logprobs, tail_live):
+    """(lp, live) each (N, K+1): the teacher's K cached log-probs plus its tail bucket; dead buckets hold 0."""
+    lt = topk_logprobs.float()                                                      # (N, K)
+    valid = lt != NEG_INF                                                           # (N, K)
     log_head = torch.where(valid, lt, NEG_INF).logsumexp(-1, keepdim=True)         # (N, 1) log sum_k p_k
     p_tail = (-torch.expm1(log_head)).clamp_min(TINY)                               # (N, 1)
     lp = torch.cat([lt - log_head.clamp_min(0), p_tail.log()], -1)                  # (N, K+1)
-
-    live = torch.cat([valid, ~in_s.all(-1, keepdim=True)], -1)                      # (N, K+1)
-    return torch.where(live, lp, 0.0), torch.where(live, lq, 0.0), live
+    live = torch.cat([valid, tail_live.reshape(-1, 1)], -1)                         # (N, K+1)
+    return torch.where(live, lp, 0.0), live
 
 
 # Divergences on live buckets: (lp, lq, live) each (N, B) -> (N,).
@@ -235,29 +240,76 @@ def masked_mean(per_token, mask, num_tokens=None):
     return total / torch.as_tensor(count, device=total.device).clamp_min(1)
 
 
+class _StudentBuckets(torch.autograd.Function):
+    """Fused lm_head + student bucket projection + CE for one chunk of positions; the (n, V) logits live only
+    inside forward and backward (recomputed there), never between them.
+
+    forward(h (n, D), w (V, D), ids (n, K), valid (n, K), targets (n,)) -> (lq (n, K+1), ce (n,), tail_live (n,));
+    a target of -100 (or any negative) gives ce 0 and no gradient, like cross_entropy's ignore_index;
+    lq = log-probs of the K ids (0 where not valid) and of the tail (0 where the tail is empty); matmuls in h's dtype.
+    Backward, with q = softmax(z), G = sum_k g_k, q_tail the tail mass:
+        dz_v = q_v (g_ce - G - g_tail) + [v not in S] q_v g_tail / q_tail + [v = s_k] g_k - [v = target] g_ce
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, ids, valid, targets):
+        w_c = w.to(h.dtype)
+        z = (h @ w_c.T).float()                                                     # (n, V)
+        z_s, z_t = z.gather(-1, ids), z.gather(-1, targets.clamp_min(0)[:, None])[:, 0]  # (n, K), (n,)
+        m = z.amax(-1, keepdim=True)                                                # (n, 1)
+        e = z.sub_(m).exp_()                                                        # (n, V) in place: exp(z - m)
+        log_sum = e.sum(-1).log()                                                   # (n,)
+        e.scatter_reduce_(-1, ids, (~valid).float(), "prod")                        # zero the valid ids only
+        log_tail = e.sum(-1).log()                                                  # (n,) -inf when empty
+        del z, e
+        log_z = m[:, 0] + log_sum                                                   # (n,)
+        lq_tail = log_tail - log_sum                                                # (n,)
+        tail_live = torch.isfinite(lq_tail)
+        lq = torch.cat([torch.where(valid, z_s - log_z[:, None], 0.0),
+                        torch.where(tail_live, lq_tail, 0.0)[:, None]], -1)         # (n, K+1)
+        ctx.save_for_backward(h, w, ids, valid, targets, log_z, lq, tail_live)
+        ctx.mark_non_differentiable(tail_live)
+        return lq, torch.where(targets >= 0, log_z - z_t, 0.0), tail_live         # target -100: no CE
+
+    @staticmethod
+    def backward(ctx, g_lq, g_ce, _):
+        h, w, ids, valid, targets, log_z, lq, tail_live = ctx.saved_tensors
+        K = ids.shape[1]
+        g_head = torch.where(valid, g_lq[:, :K], 0.0)                              # (n, K)
+        g_ce = torch.where(targets >= 0, g_ce, 0.0)                                 # (n,)
+        g_tail = torch.where(tail_live, g_lq[:, K], 0.0)                           # (n,)
+        # q_v g_tail / q_tail for the tail ids; exp(-lq_tail) clamped so it stays finite in float32
+        g_over_tail = g_tail * torch.exp(-lq[:, K].clamp_min(-80.0))               # (n,)
+        w_c = w.to(h.dtype)
+        q = (h @ w_c.T).float().sub_(log_z[:, None]).exp_()                         # (n, V) softmax, recomputed
+        q_s = torch.where(valid, lq[:, :K].exp(), 0.0)                              # (n, K)
+        dz = q.mul_((g_ce - g_head.sum(-1) - g_tail + g_over_tail)[:, None])        # (n, V) in place
+        dz.scatter_add_(-1, ids, g_head - q_s * g_over_tail[:, None])               # the K ids are not tail
+        dz.scatter_add_(-1, targets.clamp_min(0)[:, None], -g_ce[:, None])
+        dz = dz.to(h.dtype)
+        return dz @ w_c, (dz.T @ h).to(w.dtype), None, None, None
+
+
 def chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size=1024, vocab_size=None,
                     buckets=True):
-    """The student's K+1 bucket log-probs and CE without holding all (N, V) logits at once.
+    """The teacher's and student's K+1 bucket log-probs and the student's CE without (N, V) logits at once.
 
-    hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows (padding rows ignored), topk_* (N, K),
-    targets (N,). Each chunk of positions runs under activation checkpointing: its logits exist only inside the
-    chunk and are recomputed in backward. Returns ((lp, lq, live) each (N, K+1), or None when buckets=False; ce (N,)).
-    Any loss or weighting that needs only the buckets (every BUCKET_LOSSES entry, AdaKD's difficulty) then costs
-    (N, K+1) memory, not (N, V).
+    hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows (padding rows ignored), topk_* (N, K)
+    (ids distinct among valid slots), targets (N,). Per chunk of positions a fused autograd function computes the
+    logits, keeps only (chunk, K+1) buckets and CE, and recomputes the logits in backward. Returns
+    ((lp, lq, live) each (N, K+1), or None when buckets=False; ce (N,)): every BUCKET_LOSSES entry and AdaKD's
+    difficulty then cost (N, K+1) memory, not (N, V). Equals bucket_logprobs + cross_entropy on full logits.
     """
     w = lm_head_weight if vocab_size is None else lm_head_weight[:vocab_size]      # (V, D)
-
-    def chunk(h, ids, lps, tgt):
-        logits = h @ w.T                                                            # (n, V)
-        return (*bucket_logprobs(logits, ids, lps), cross_entropy(logits, tgt)) if buckets \
-            else cross_entropy(logits, tgt)
-
-    parts = [checkpoint(chunk, hidden[s:s + chunk_size], topk_ids[s:s + chunk_size],
-                        topk_logprobs[s:s + chunk_size], targets[s:s + chunk_size], use_reentrant=False)
-             for s in range(0, hidden.shape[0], chunk_size)]
+    ids = topk_ids.long() if buckets else topk_ids[:, :0].long()                    # (N, K) or (N, 0): CE only
+    valid = topk_logprobs[:, :ids.shape[1]] != NEG_INF                              # (N, K)
+    lq, ce, tail_live = (torch.cat(x) for x in zip(*(
+        _StudentBuckets.apply(hidden[s:s + chunk_size], w, ids[s:s + chunk_size], valid[s:s + chunk_size],
+                              targets[s:s + chunk_size].long())
+        for s in range(0, hidden.shape[0], chunk_size))))
     if not buckets:
-        return None, torch.cat(parts)
-    lp, lq, live, ce = (torch.cat(x) for x in zip(*parts))
+        return None, ce
+    lp, live = _teacher_buckets(topk_logprobs, tail_live)
     return (lp, lq, live), ce
 
 

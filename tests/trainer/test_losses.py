@@ -348,3 +348,47 @@ def test_chunked_keeps_no_logits_for_backward():
     assert saved and max(saved) < 8 * 400
     loss.backward()
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd"])
+def test_chunked_full_support_and_padding_ids_that_collide(name):
+    """K = V (an empty tail) and padded slots whose ids repeat valid ids: still equal to the reference."""
+    g = torch.Generator().manual_seed(21)
+    N, D, V = 6, 5, 7
+    hidden = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    t_logp = (torch.randn(N, V, generator=g) * 2).log_softmax(-1)
+    ids = t_logp.argsort(-1, descending=True)                                   # (N, V): all ids
+    lp = t_logp.gather(-1, ids)
+    ids = torch.cat([ids, ids[:, :2]], -1)                                      # 2 padded slots reuse valid ids
+    lp = torch.cat([lp, torch.full((N, 2), float("-inf"))], -1)
+    lp[0, 3:] = float("-inf")                                                    # a row with a live tail
+    targets = torch.randint(0, V, (N,), generator=g)
+    mask = torch.ones(N, dtype=torch.bool)
+    loss, _ = chunked_loss(hidden, w, ids, lp, targets, mask, name, ce_weight=0.5, chunk_size=4)
+    ref = _unchunked(hidden, w, ids, lp, targets, mask, name, 0.5, 1.0, 1.0)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(torch.autograd.grad(loss, (hidden, w)), torch.autograd.grad(ref, (hidden, w))):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_bf16_hidden_close_to_float32():
+    hidden, w, ids, lp, targets, mask = _chunked_inputs(19, N=32, D=16, V=50, K=6)
+    loss32, _ = chunked_loss(hidden, w, ids, lp, targets, mask, "fkl", ce_weight=0.2)
+    h16 = hidden.detach().bfloat16().requires_grad_(True)
+    loss16, _ = chunked_loss(h16, w, ids, lp, targets, mask, "fkl", ce_weight=0.2)
+    g16, gw16 = torch.autograd.grad(loss16, (h16, w))
+    g32, gw32 = torch.autograd.grad(loss32, (hidden, w))
+    assert g16.dtype == torch.bfloat16 and gw16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(gw16, gw32, rtol=0.1, atol=0.02)
+
+
+def test_chunked_ignores_negative_targets_like_cross_entropy():
+    hidden, w, ids, lp, targets, mask = _chunked_inputs(23)
+    targets[::3] = -100
+    loss, stats = chunked_loss(hidden, w, ids, lp, targets, mask, "ce", chunk_size=4)
+    ref = masked_mean(cross_entropy(hidden @ w.T, targets), mask)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(torch.autograd.grad(loss, (hidden, w)), torch.autograd.grad(ref, (hidden, w))):
+        torch.testing.assert_close(a, b)

@@ -1,14 +1,15 @@
 """`kdcache train`: one readable loop that distils a student from a cache. The teacher is never loaded.
 
 Each optimizer step:
-    weights = sampler.weights                                   domain mix: natural | uniform (| ddk)
+    weights = sampler.weights                                   domain mix: natural | uniform | ddk
     grad_accum times:
         batch  = stream.next_batch(weights)                     (B, T) ids + the teacher's (B, T, K) top-k
         hidden = student body(batch.input_ids)                  (B, T, D)
         buckets, ce = chunked_buckets(hidden, lm_head, ...)     (B*T, K+1) and (B*T,): (B, T, V) never at once
         loss = kd_weight * KD(buckets) + ce_weight * CE         masked means over positions with a teacher
         backward
-    clip, AdamW with warm-up + cosine LR, log a metrics.jsonl record, sampler update, checkpoint every N steps
+    clip, AdamW with warm-up + cosine LR, log a metrics.jsonl record, checkpoint every N steps;
+    DDK: every K steps re-measure the student's val CE per domain and update the weights (Eq. 2)
 
 RUN/ holds config.json (the resolved config and what it trained from), metrics.jsonl, tb/ (TensorBoard),
 checkpoints/step-NNNNNNNN/state.pt (model, optimizer, data stream, sampler, RNG: `--resume` continues bitwise on
@@ -35,13 +36,14 @@ from trainer.data import CacheStream, PrefetchStream
 from trainer.evaluate import evaluate
 from trainer.losses import BUCKET_LOSSES, chunked_buckets, masked_mean
 from trainer.plots import plot_domain_losses, plot_domain_weights, plot_losses
-from trainer.sampling import FixedSampler
+from trainer.ddk import ddk_interval
+from trainer.sampling import DDKSampler, FixedSampler, load_profile
 from trainer.student import load_student, resolve_device
 
 log = logging.getLogger("kdcache")
 
 LOSS_NAMES = (*BUCKET_LOSSES, "ce")
-SAMPLINGS = ("natural", "uniform")
+SAMPLINGS = ("natural", "uniform", "ddk")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Options that may change on --resume without changing the run's results.
 RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "log_every", "prefetch", "device", "eval_rows")
@@ -53,13 +55,17 @@ class TrainConfig:
     student: str
     out: str
     loss: str = "fkl"                  # a BUCKET_LOSSES name, or "ce": plain continued pre-training (CPT)
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
+    kd_weight: float | None = None     # None: 1.0, or DDK's gamma = 0.2 with sampling="ddk"
+    ce_weight: float | None = None     # None: 0.0, or 1.0 with sampling="ddk" (DDK's Eq. 3: CE + gamma * KL)
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1            # sfkl / srkl
     akl_mu: float = 0.5
-    sampling: str = "natural"
+    sampling: str = "natural"          # natural | uniform | ddk
+    ddk_alpha: float = 0.5             # Eq. 2 smoothing
+    ddk_interval: float | None = None  # steps between DDK updates (>= 1), a fraction of the run (< 1), None: ~30 updates
+    ddk_val_rows: int = 32             # val rows per domain per DDK measurement
+    ddk_profile: str | None = None     # start from a profile.json's weights instead of measuring at step 0
     steps: int = 1000                  # optimizer steps
     batch_size: int = 8                # rows per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
@@ -84,6 +90,12 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self):
+        ddk = self.sampling == "ddk"
+        if self.kd_weight is None:
+            object.__setattr__(self, "kd_weight", 0.2 if ddk else 1.0)
+        if self.ce_weight is None:
+            object.__setattr__(self, "ce_weight", 1.0 if ddk else 0.0)
+
         def need(ok: bool, option: str, rule: str):
             if not ok:
                 value = getattr(self, option)
@@ -106,10 +118,23 @@ class TrainConfig:
         need(0 <= self.skew_alpha < 1, "skew_alpha", "must be in [0, 1)")
         need(0 < self.akl_mu <= 1, "akl_mu", "must be in (0, 1]")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam betas must be in [0, 1)")
+        need(0 <= self.ddk_alpha <= 1, "ddk_alpha", "must be in [0, 1] (1 = no uniform floor)")
+        need(self.ddk_interval is None or (0 < self.ddk_interval < 1 or float(self.ddk_interval).is_integer()
+                                          and self.ddk_interval >= 1), "ddk_interval",
+             "must be a number of steps >= 1 or a fraction of the run in (0, 1)")
+        need(self.ddk_val_rows >= 1, "ddk_val_rows", "must be >= 1")
+        need(self.ddk_profile is None or ddk, "ddk_profile", "needs --sampling ddk")
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 20
+
+    @property
+    def ddk_every(self) -> int:
+        """Steps between DDK updates."""
+        if self.ddk_interval is not None and self.ddk_interval < 1:
+            return ddk_interval(self.steps, max(1, round(self.ddk_interval * self.steps)))
+        return ddk_interval(self.steps, None if self.ddk_interval is None else int(self.ddk_interval))
 
     @property
     def loss_params(self) -> dict:
@@ -131,6 +156,9 @@ def run_train(cfg: TrainConfig) -> dict:
     run = Path(cfg.out)
     cache = open_cache(cfg.cache)
     device = resolve_device(cfg.device)
+    sampler = FixedSampler(cache, cfg.sampling) if cfg.sampling != "ddk" else DDKSampler(
+        cache, cfg.ddk_alpha, cfg.ddk_every, load_profile(cfg.ddk_profile, cache, cfg.student)
+        if cfg.ddk_profile else None)
     model, tokenizer = load_student(cfg.student, cache.manifest, device, dtype=torch.float32)
     vocab = cache.manifest.tokenizer.vocab_size
     lm_head = model.get_output_embeddings()
@@ -149,7 +177,6 @@ def run_train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
-    sampler = FixedSampler(cache, cfg.sampling)
     stream = CacheStream(cache, "train", cfg.batch_size, cfg.seed)             # checks every shard's size
     ckpt = _prepare_run(run, cfg, _identity(cfg, cache))                      # after all input checks
     start = 0
@@ -168,7 +195,8 @@ def run_train(cfg: TrainConfig) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
     tb = SummaryWriter(run / "tb", purge_step=start + 1)
-    measure = lambda: evaluate(cache, model, "val", cfg.batch_size, cfg.eval_rows, device)  # noqa: E731
+    measure = lambda: evaluate(cache, model, "val", cfg.batch_size, cfg.ddk_val_rows, device)  # noqa: E731
+    started = sampler.start(measure) if ckpt is None else None                 # DDK: Eq. 1 before step 1
     t_run, trained_tokens = time.perf_counter(), 0
     with PrefetchStream(stream, cfg.prefetch) as batches, open(run / "metrics.jsonl", "a") as metrics, \
             tqdm(total=cfg.steps, initial=start, desc="train", unit="step", mininterval=2.0) as bar:
@@ -208,7 +236,8 @@ def run_train(cfg: TrainConfig) -> dict:
                       "grad_norm": norm_v, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
                       "domain_weights": weights,
                       "domain_loss": {d: sum(vs) / len(vs) for d, vs in sorted(domain_loss.items())}}
-            record.update(sampler.maybe_update(step + 1, measure) or {})
+            record.update(started or {}, **(sampler.maybe_update(step + 1, measure) or {}))
+            started = None
             trained_tokens += tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 metrics.write(json.dumps(record) + "\n")
@@ -236,7 +265,7 @@ def run_train(cfg: TrainConfig) -> dict:
     _plot(run, _read_metrics(run / "metrics.jsonl"))
     report = {}
     if cfg.eval_rows and cache.domains("val"):
-        report = measure()
+        report = evaluate(cache, model, "val", cfg.batch_size, cfg.eval_rows, device)
         _write_json(run / "eval.json", report)
         log.info("val: mean student CE %.4f (ppl %.2f), teacher CE %.4f, KL %.4f -> %s", report["mean"]["student_ce"],
                  report["mean"]["ppl"], report["mean"]["teacher_ce"], report["mean"]["kl"], run / "eval.json")
@@ -376,5 +405,4 @@ def _plot(run: Path, records: list[dict]) -> None:
         return
     plot_losses(records, run / "loss.png")
     plot_domain_losses(records, run / "domain_loss.png")
-    if len({json.dumps(r["domain_weights"], sort_keys=True) for r in records}) > 1:
-        plot_domain_weights(records, run / "domain_weights.png")
+    plot_domain_weights(records, run / "domain_weights.png")

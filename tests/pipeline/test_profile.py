@@ -15,7 +15,8 @@ from cache_format import KdcacheError, open_cache, read_manifest, write_manifest
 from pipeline.capture import CaptureConfig, run_capture
 from pipeline.cli import cli
 from pipeline.corpus import parse_data_spec
-from pipeline.profile import format_profile_table, load_profile, run_profile
+from pipeline.profile import format_profile_table, run_profile
+from trainer.sampling import load_profile
 from tests.helpers import domain_texts
 from trainer.ddk import initial_weights
 from trainer.evaluate import evaluate

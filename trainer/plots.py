@@ -55,3 +55,19 @@ def plot_domain_losses(records: list[dict], path: Path, window: int = 20) -> Non
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
     _save(fig, path)
+
+
+def plot_adakd(records: list[dict], path: Path) -> None:
+    """AdaKD over steps: LATF's focus ratio (share of tokens distilled) and IDTS's temperatures (mean, min, max)."""
+    steps = [r["step"] for r in records]
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_r.plot(steps, [r["focus_ratio"] for r in records], color="tab:purple")
+    ax_r.set(xlabel="step", ylabel="ratio of tokens distilled", ylim=(0, 1.05), title="LATF focus")
+    ax_t.plot(steps, [r["tau_mean"] for r in records], label="mean", color="tab:red")
+    ax_t.fill_between(steps, [r["tau_min"] for r in records], [r["tau_max"] for r in records], alpha=0.2,
+                      color="tab:red", label="min-max")
+    ax_t.set(xlabel="step", ylabel="temperature", title="IDTS temperatures (distilled tokens)")
+    for ax in (ax_r, ax_t):
+        ax.grid(alpha=0.3)
+    ax_t.legend()
+    _save(fig, path)

@@ -7,9 +7,11 @@ Each optimizer step:
         hidden = student body(batch.input_ids)                  (B, T, D)
         buckets, ce = chunked_buckets(hidden, lm_head, ...)     (B*T, K+1) and (B*T,): (B, T, V) never at once
         loss = kd_weight * KD(buckets) + ce_weight * CE         masked means over positions with a teacher
+        [AdaKD: KD only on LATF's hardest tokens, each at its IDTS temperature]
         backward
     clip, AdamW with warm-up + cosine LR, log a metrics.jsonl record, checkpoint every N steps;
     DDK: every K steps re-measure the student's val CE per domain and update the weights (Eq. 2)
+    AdaKD: LATF moves its focus ratio from the EMA of the KD loss (Eq. 6-7)
 
 RUN/ holds config.json (the resolved config and what it trained from), metrics.jsonl, tb/ (TensorBoard),
 checkpoints/step-NNNNNNNN/state.pt (model, optimizer, data stream, sampler, RNG: `--resume` continues bitwise on
@@ -35,7 +37,8 @@ from cache_format import Cache, KdcacheError, open_cache, weights_fingerprint
 from trainer.data import CacheStream, PrefetchStream
 from trainer.evaluate import evaluate
 from trainer.losses import BUCKET_LOSSES, chunked_buckets, masked_mean
-from trainer.plots import plot_domain_losses, plot_domain_weights, plot_losses
+from trainer.plots import plot_adakd, plot_domain_losses, plot_domain_weights, plot_losses
+from trainer.adakd import LATF, AdaKDConfig, adakd_token_weights
 from trainer.ddk import ddk_interval
 from trainer.sampling import DDKSampler, FixedSampler, load_profile
 from trainer.student import load_student, resolve_device
@@ -66,6 +69,15 @@ class TrainConfig:
     ddk_interval: float | None = None  # steps between DDK updates (>= 1), a fraction of the run (< 1), None: ~30 updates
     ddk_val_rows: int = 32             # val rows per domain per DDK measurement
     ddk_profile: str | None = None     # start from a profile.json's weights instead of measuring at step 0
+    adakd: bool = False                # AdaKD: LATF token focusing + IDTS per-token temperatures (tau_base = temperature)
+    latf: bool = True                  # with adakd: distil only the hardest fraction of tokens
+    idts: bool = True                  # with adakd: per-token temperatures from difficulty
+    adakd_c: float = 0.5               # IDTS intensity: tau in [T e^-c, T e^c]
+    adakd_beta: float = 0.99           # LATF: EMA decay of the distillation loss
+    adakd_eps: float = 0.05            # LATF: tolerance band
+    adakd_delta: float = 0.05          # LATF: multiplicative ratio step
+    adakd_min_ratio: float = 0.1       # LATF: lowest ratio of tokens kept
+    adakd_warmup_fraction: float = 0.05  # LATF: steps with ratio 1 before it adapts
     steps: int = 1000                  # optimizer steps
     batch_size: int = 8                # rows per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
@@ -124,10 +136,23 @@ class TrainConfig:
              "must be a number of steps >= 1 or a fraction of the run in (0, 1)")
         need(self.ddk_val_rows >= 1, "ddk_val_rows", "must be >= 1")
         need(self.ddk_profile is None or ddk, "ddk_profile", "needs --sampling ddk")
+        need(not self.adakd or self.loss != "ce", "loss", "--adakd needs a distillation loss, not ce")
+        self.adakd_config                                                       # validates the AdaKD options
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 20
+
+    @property
+    def adakd_config(self) -> AdaKDConfig | None:
+        if not self.adakd:
+            return None
+        try:
+            return AdaKDConfig(latf=self.latf, idts=self.idts, tau_base=self.temperature, c=self.adakd_c,
+                               beta=self.adakd_beta, eps=self.adakd_eps, delta=self.adakd_delta,
+                               min_ratio=self.adakd_min_ratio, warmup_fraction=self.adakd_warmup_fraction)
+        except ValueError as e:        # "AdaKD: beta=1.0 is invalid, ..." -> "--adakd-beta 1.0 is invalid, ..."
+            raise KdcacheError(re.sub(r"^AdaKD: (\w+)=", lambda m: f"--adakd-{m[1].replace('_', '-')} ", str(e)))
 
     @property
     def ddk_every(self) -> int:
@@ -177,6 +202,7 @@ def run_train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
+    latf = LATF.from_config(cfg.adakd_config, cfg.steps) if cfg.adakd else None
     stream = CacheStream(cache, "train", cfg.batch_size, cfg.seed)             # checks every shard's size
     ckpt = _prepare_run(run, cfg, _identity(cfg, cache))                      # after all input checks
     start = 0
@@ -186,6 +212,8 @@ def run_train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
         sampler.load_state_dict(state["sampler"])
+        if latf is not None:
+            latf.load_state_dict(state["adakd"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
@@ -206,21 +234,25 @@ def run_train(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             weights = dict(sampler.weights)
-            stats, tokens, row_losses, row_domains = torch.zeros(3, device=device), 0, [], []
+            stats, tokens, row_losses, row_domains = {}, 0, [], []
+            ratio = latf.ratio if latf is not None else 1.0                   # LATF's focus for this step
             for _ in range(cfg.grad_accum):
                 batch = batches.next_batch(weights)
                 _check_ids(batch, vocab, step)
                 tokens += int(batch["attention_mask"].sum())                   # on the host: no sync
                 batch = _to_device(batch, device)
                 with autocast():
-                    loss, micro, row_loss = _micro_step(body, lm_head.weight, batch, cfg, vocab)
+                    loss, micro, row_loss = _micro_step(body, lm_head.weight, batch, cfg, vocab, ratio)
                 (loss / cfg.grad_accum).backward()
-                stats += torch.stack([loss.detach(), micro["kd_loss"], micro["ce_loss"]]) / cfg.grad_accum
+                for key, value in {"loss": loss.detach(), **micro}.items():
+                    stats[key] = stats.get(key, 0.0) + value / cfg.grad_accum
                 row_losses.append(row_loss)
                 row_domains += batch["domains"]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            loss_v, kd_v, ce_v, norm_v, *rows_v = torch.cat(
-                [stats, grad_norm.reshape(1).float(), *row_losses]).tolist()          # the step's one host sync
+            norm_v, *values = torch.cat(
+                [grad_norm.reshape(1).float(), torch.stack(list(stats.values())), *row_losses]).tolist()  # 1 sync
+            stats, rows_v = dict(zip(stats, values)), values[len(stats):]
+            loss_v, kd_v, ce_v = stats["loss"], stats["kd_loss"], stats["ce_loss"]
             domain_loss = {}
             for d, v in zip(row_domains, rows_v):
                 domain_loss.setdefault(d, []).append(v)
@@ -232,17 +264,19 @@ def run_train(cfg: TrainConfig) -> dict:
                                    f"Lower --lr or check the cache with `kdcache verify`")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": loss_v, "kd_loss": kd_v, "ce_loss": ce_v, "lr": lr,
-                      "grad_norm": norm_v, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
-                      "domain_weights": weights,
+            record = {"step": step + 1, **stats, "lr": lr, "grad_norm": norm_v, "tokens": tokens,
+                      "tokens_per_s": tokens / (time.perf_counter() - t0), "domain_weights": weights,
                       "domain_loss": {d: sum(vs) / len(vs) for d, vs in sorted(domain_loss.items())}}
+            if latf is not None:
+                latf.update(kd_v, step + 1)                                     # Eq. 6-7: the next step's ratio
+                record["latf_ema"] = latf.ema
             record.update(started or {}, **(sampler.maybe_update(step + 1, measure) or {}))
             started = None
             trained_tokens += tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                for key in ("loss", "kd_loss", "ce_loss", "lr", "grad_norm", "tokens_per_s"):
+                for key in ("lr", "grad_norm", "tokens_per_s", *stats):
                     tb.add_scalar(f"train/{key}", record[key], step + 1)
                 for d, w in weights.items():
                     tb.add_scalar(f"domain_weight/{d}", w, step + 1)
@@ -254,6 +288,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 _save_checkpoint(run, cfg, step + 1, {
                     "step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "stream": batches.state_dict(), "sampler": sampler.state_dict(),
+                    "adakd": latf.state_dict() if latf is not None else None,
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
     tb.close()
@@ -273,8 +308,9 @@ def run_train(cfg: TrainConfig) -> dict:
     return report
 
 
-def _micro_step(body, lm_head_weight, batch: dict, cfg: TrainConfig, vocab: int):
-    """(loss, {"kd_loss", "ce_loss"}, per-row loss (B,) detached) of one micro-batch."""
+def _micro_step(body, lm_head_weight, batch: dict, cfg: TrainConfig, vocab: int, focus: float = 1.0):
+    """(loss, stats, per-row loss (B,) detached) of one micro-batch; stats: detached 0-dim tensors ("kd_loss",
+    "ce_loss", and AdaKD's when on). focus: LATF's ratio of tokens to distil."""
     input_ids, mask = batch["input_ids"], batch["loss_mask"]                     # (B, T)
     hidden = body(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, D)
     B, T, D = hidden.shape
@@ -284,16 +320,22 @@ def _micro_step(body, lm_head_weight, batch: dict, cfg: TrainConfig, vocab: int)
                                   batch["topk_logprobs"].reshape(B * T, K), targets.reshape(B * T), cfg.chunk_size,
                                   vocab, buckets=cfg.loss != "ce")               # (B*T, K+1) x3, (B*T,)
     mask = mask.reshape(B * T)
+    kd_mask, adakd_stats = mask, {}
     if cfg.loss == "ce":
         kd, kd_weight, ce_weight = torch.zeros_like(ce), 0.0, 1.0
+    elif cfg.adakd:
+        lp, lq, live = buckets
+        kd_mask, tau, adakd_stats = adakd_token_weights(lp, lq.detach(), live, mask, focus, cfg.adakd_config)
+        kd = BUCKET_LOSSES[cfg.loss](lp, lq, live, tau if cfg.idts else cfg.temperature, **cfg.loss_params)
+        kd_weight, ce_weight = cfg.kd_weight, cfg.ce_weight                       # KD on the focused tokens (Eq. 4)
     else:
         kd = BUCKET_LOSSES[cfg.loss](*buckets, cfg.temperature, **cfg.loss_params)  # (B*T,)
         kd_weight, ce_weight = cfg.kd_weight, cfg.ce_weight
-    kd_loss, ce_loss = masked_mean(kd, mask), masked_mean(ce, mask)
+    kd_loss, ce_loss = masked_mean(kd, kd_mask), masked_mean(ce, mask)
     loss = kd_weight * kd_loss + ce_weight * ce_loss
-    per_position = torch.where(mask, kd_weight * kd + ce_weight * ce, 0.0).reshape(B, T).detach()
-    row_loss = per_position.sum(1) / mask.reshape(B, T).sum(1).clamp_min(1)      # (B,)
-    return loss, {"kd_loss": kd_loss.detach(), "ce_loss": ce_loss.detach()}, row_loss
+    per_position = (kd_weight * torch.where(kd_mask, kd, 0.0) + ce_weight * torch.where(mask, ce, 0.0)).detach()
+    row_loss = per_position.reshape(B, T).sum(1) / mask.reshape(B, T).sum(1).clamp_min(1)  # (B,)
+    return loss, {"kd_loss": kd_loss.detach(), "ce_loss": ce_loss.detach(), **adakd_stats}, row_loss
 
 
 def _check_ids(batch: dict, vocab: int, step: int) -> None:
@@ -406,3 +448,5 @@ def _plot(run: Path, records: list[dict]) -> None:
     plot_losses(records, run / "loss.png")
     plot_domain_losses(records, run / "domain_loss.png")
     plot_domain_weights(records, run / "domain_weights.png")
+    if "focus_ratio" in records[0]:
+        plot_adakd(records, run / "adakd.png")

@@ -2,8 +2,10 @@
 
 Builds (in a temp dir) a word-level tokenizer with --vocab tokens, a small Llama student with that vocabulary and a
 synthetic cache of random top-k rows sharing the tokenizer, then:
-  speed   runs `run_train` for each variant (ce, fkl, ...) for --steps steps; tokens/s = median over the steps
-          after the first two (warm-up), ratios to ce side by side in one run.
+  speed   runs `run_train` for each variant (ce, fkl, ...) for --steps steps, --rounds times interleaved (the
+          machine's noise hits every variant alike). step tokens/s = median over the steps after the first two
+          (warm-up); end to end = the same steps' tokens over their wall time including DDK's val measurements
+          (--ddk-interval). Ratios to ce, side by side in one run.
   memory  in a fresh process per variant: the peak memory one training micro-step (forward + backward) adds on
           top of the loaded model and batch. CPU: VmHWM after resetting it (/proc/self/clear_refs); GPU:
           torch.cuda.max_memory_allocated. `naive` is a full-vocabulary KD loss as most tools write it: (B, T, V)
@@ -27,7 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"ce": dict(loss="ce"), "fkl": dict(loss="fkl"), "fkl+ce": dict(loss="fkl", ce_weight=0.5)}
+VARIANTS = {"ce": dict(loss="ce"), "fkl": dict(loss="fkl"), "fkl+ce": dict(loss="fkl", ce_weight=0.5),
+            "fkl+adakd": dict(loss="fkl", adakd=True), "ddk": dict(sampling="ddk"),
+            "ddk+adakd": dict(sampling="ddk", adakd=True)}
 
 
 def build(root: Path, vocab: int, hidden: int, layers: int, seq_len: int, k: int, rows: int) -> tuple[Path, Path]:
@@ -52,10 +56,11 @@ def build(root: Path, vocab: int, hidden: int, layers: int, seq_len: int, k: int
 
     rng = np.random.default_rng(0)
     codec = TopkV1(top_k=k)
-    domains = {}
-    for domain in ("a", "b"):
-        w = ShardWriter(cache, f"train/{domain}/shard-00000.parquet", codec, row_group_rows=8)
-        for i in range(rows):
+    splits: dict = {}
+    for split, domain in [("train", "a"), ("train", "b"), ("val", "a"), ("val", "b")]:
+        n = rows if split == "train" else 4
+        w = ShardWriter(cache, f"{split}/{domain}/shard-00000.parquet", codec, row_group_rows=8)
+        for i in range(n):
             ids = rng.integers(0, vocab, size=seq_len).astype(np.int32)                     # (T,)
             top = (rng.integers(0, vocab, size=(seq_len, 1)) + np.arange(k) * 7919) % vocab   # (T, K) distinct
             lp = np.sort(rng.standard_normal((seq_len, k)) * 2, axis=-1)[:, ::-1]
@@ -65,24 +70,24 @@ def build(root: Path, vocab: int, hidden: int, layers: int, seq_len: int, k: int
             w.write({"row_index": i, "domain": domain, "input_ids": ids, "topk_ids": top.astype(np.int32),
                      "topk_logprobs": lp, "target_logprobs": target})
         shard = w.close()
-        domains[domain] = DomainInfo(rows=shard.rows, tokens=shard.tokens, shards=[shard])
+        splits.setdefault(split, {})[domain] = DomainInfo(rows=shard.rows, tokens=shard.tokens, shards=[shard])
     write_manifest(cache, Manifest(
         teacher=TeacherInfo(path="synthetic", name="synthetic", fingerprint="0" * 64, engine="synthetic",
                             engine_version="0", logprobs_mode="raw_logprobs", dtype="float32"),
         tokenizer=TokenizerInfo(vocab_size=vocab, fingerprint=tokenizer_fingerprint(fast), eos_id=1), top_k=k,
         seq_len=seq_len, codec=codec.params(), split=SplitRule(rule="synthetic", seed=0, val_fraction=0.0),
-        splits={"train": domains}))
+        splits=splits))
     return student, cache
 
 
-def speed(root: Path, student: Path, cache: Path, variant: str, args) -> float:
+def speed(root: Path, student: Path, cache: Path, variant: str, round_: int, args) -> list[dict]:
+    """The metrics records of one run after its first two steps."""
     from trainer.train import TrainConfig, run_train
-    run = root / f"run-{variant}"
+    run = root / f"run-{variant}-{round_}"
     run_train(TrainConfig(cache=str(cache), student=str(student), out=str(run), steps=args.steps,
                           batch_size=args.batch_size, chunk_size=args.chunk_size, eval_rows=0, log_every=1,
-                          **VARIANTS[variant]))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in records[2:])
+                          ddk_interval=args.ddk_interval, ddk_val_rows=4, **VARIANTS[variant]))
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
 
 
 def memory(student: Path, cache: Path, variant: str, args) -> float:
@@ -142,6 +147,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--ddk-interval", type=int, default=5, help="DDK: steps between val measurements (4 rows/domain)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--memory-only", metavar="ROOT:VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -159,7 +166,13 @@ def main() -> None:
                                rows=args.batch_size * (args.steps + 2))
         print(f"built student (V={args.vocab}, d={args.hidden}, {args.layers} layers) and cache in "
               f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        tok_s = {v: speed(root, student, cache, v, args) for v in variants}
+        runs: dict[str, list] = {v: [] for v in variants}
+        for round_ in range(args.rounds):
+            for v in variants:
+                runs[v].append(speed(root, student, cache, v, round_, args))
+        tok_s = {v: statistics.median(r["tokens_per_s"] for rs in runs[v] for r in rs[1:]) for v in variants}
+        e2e = {v: sum(r["tokens"] for rs in runs[v] for r in rs[1:])
+               / sum(rs[-1]["elapsed_s"] - rs[0]["elapsed_s"] for rs in runs[v]) for v in variants}
         mem = {}
         for v in [*variants, "naive"]:
             out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-only", f"{root}:{v}"],
@@ -168,13 +181,16 @@ def main() -> None:
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\n{device}; V={args.vocab} d={args.hidden} layers={args.layers} B={args.batch_size} T={args.seq_len} "
           f"K={args.top_k} chunk={args.chunk_size}")
-    print(f"{'variant':<10} {'tokens/s':>10} {'vs ce':>7} {'step peak MiB':>14} {'vs ce':>7}")
+    print(f"{'variant':<10} {'step tok/s':>10} {'vs ce':>7} {'e2e tok/s':>10} {'vs ce':>7} {'step peak MiB':>14} "
+          f"{'vs ce':>7}")
     for v in [*variants, "naive"]:
-        speed_s = f"{tok_s[v]:>10.0f} {tok_s[v] / tok_s['ce']:>7.3f}" if v in tok_s else f"{'-':>10} {'-':>7}"
+        speed_s = (f"{tok_s[v]:>10.0f} {tok_s[v] / tok_s['ce']:>7.3f} {e2e[v]:>10.0f} {e2e[v] / e2e['ce']:>7.3f}"
+                   if v in tok_s else f"{'-':>10} {'-':>7} {'-':>10} {'-':>7}")
         print(f"{v:<10} {speed_s} {mem[v]:>14.0f} {mem[v] / mem['ce']:>7.3f}")
     result = {"device": device, "vocab": args.vocab, "hidden": args.hidden, "layers": args.layers,
               "batch_size": args.batch_size, "seq_len": args.seq_len, "top_k": args.top_k,
               "tokens_per_s": tok_s, "speed_vs_ce": {v: tok_s[v] / tok_s["ce"] for v in tok_s},
+              "e2e_tokens_per_s": e2e, "e2e_vs_ce": {v: e2e[v] / e2e["ce"] for v in e2e},
               "step_peak_mib": mem, "memory_vs_ce": {v: mem[v] / mem["ce"] for v in mem},
               "fkl_memory_vs_naive": mem["fkl"] / mem["naive"]}
     print(json.dumps(result))

@@ -271,6 +271,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 latf.update(kd_v, step + 1)                                     # Eq. 6-7: the next step's ratio
                 record["latf_ema"] = latf.ema
             record.update(started or {}, **(sampler.maybe_update(step + 1, measure) or {}))
+            record["elapsed_s"] = time.perf_counter() - t_run                  # this process's loop, DDK included
             started = None
             trained_tokens += tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:

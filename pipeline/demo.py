@@ -5,7 +5,6 @@ train and eval join as their stages land. The teacher is a random-weight tiny Ll
 ships, so the numbers show the machinery, not distillation quality.
 """
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,8 +14,7 @@ import click
 from cache_format import verify_cache
 
 from .capture import CaptureConfig, run_capture
-from .corpus import DataSpec
-from .toy import WORDS, build_llama, build_tokenizer, domain_texts
+from .toy import WORDS, build_llama, build_tokenizer, write_toy_corpus
 
 log = logging.getLogger("kdcache")
 
@@ -27,12 +25,7 @@ def run_demo(out: str) -> Path:
     step = lambda msg: click.echo(click.style(f"==> {msg}", bold=True), err=True)  # noqa: E731
 
     step(f"corpus: {len(WORDS)} toy domains -> {root / 'corpus'}")
-    specs = []
-    for domain in WORDS:
-        path = root / "corpus" / f"{domain}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts(domain, 400, seed=0)))
-        specs.append(DataSpec(domain, str(path)))
+    specs = write_toy_corpus(root / "corpus", 400, seed=0)
 
     teacher = root / "models" / "teacher"
     if not (teacher / "config.json").exists():

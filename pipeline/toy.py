@@ -22,6 +22,21 @@ def domain_texts(domain: str, n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words, size=int(rng.integers(8, 40)))) for _ in range(n)]
 
 
+def write_toy_corpus(out_dir: Path, docs_per_domain: int, seed: int = 0) -> list:
+    """OUT_DIR/{domain}.jsonl for every toy domain; the DataSpecs that capture takes."""
+    import json
+
+    from .corpus import DataSpec
+
+    specs = []
+    for domain in WORDS:
+        path = Path(out_dir) / f"{domain}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts(domain, docs_per_domain, seed)))
+        specs.append(DataSpec(domain, str(path)))
+    return specs
+
+
 def build_tokenizer(out_dir: Path, vocab_size: int = 384):
     """A byte-level BPE trained in-process on the toy domains, saved as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

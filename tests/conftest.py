@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_llama, build_tokenizer, domain_texts, write_synthetic_cache
+from tests.helpers import build_llama, build_tokenizer, write_synthetic_cache
 
 
 @pytest.fixture(scope="session")
@@ -29,19 +29,11 @@ def synthetic_cache(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def toy_cache(tiny_models, tmp_path_factory) -> Path:
     """A real cache: the tiny teacher's top-16 over 4 toy domains (HF engine, rows of 32 tokens, 20 % val)."""
-    import json
-
     from pipeline.capture import CaptureConfig, run_capture
-    from pipeline.corpus import DataSpec
-    from pipeline.toy import WORDS
+    from pipeline.toy import write_toy_corpus
 
     root = tmp_path_factory.mktemp("toy")
-    specs = []
-    for domain in WORDS:
-        path = root / "corpus" / f"{domain}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts(domain, 60, seed=3)))
-        specs.append(DataSpec(domain, str(path)))
+    specs = write_toy_corpus(root / "corpus", 60, seed=3)
     run_capture(CaptureConfig(teacher=str(tiny_models["teacher"]), data=tuple(specs), out=str(root / "cache"),
                               backend="hf", top_k=16, seq_len=32, val_fraction=0.2, shard_size_mb=0.02))
     return root / "cache"

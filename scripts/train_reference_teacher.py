@@ -26,7 +26,7 @@ artificially good. Each training row is a packed sequence of one domain (documen
 drawn uniformly per row. Loop: AdamW (betas 0.9/0.95, wd 0.1), linear warm-up then cosine to 10 %, clip 1.0,
 float32 on CPU. The per-domain teacher CE at the end is measured on the corpus files (what `kdcache capture` sees).
 
-    python scripts/train_reference_teacher.py --out DIR [--steps 1200 | --minutes M] [--seed 0] [--threads N]
+    python scripts/train_reference_teacher.py --out DIR [--steps 600 | --minutes M] [--seed 0] [--threads 1]
 
 `--steps` (default) is reproducible bit for bit on the same machine; `--minutes` estimates the steps from the speed
 of the first steps and is not. Prints progress and a final JSON line.
@@ -266,18 +266,19 @@ def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.1)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1200, help="teacher optimizer steps (reproducible)")
+    p.add_argument("--steps", type=int, default=600, help="teacher optimizer steps (reproducible)")
     p.add_argument("--minutes", type=float, help="instead of --steps: train about this long (not reproducible)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--student-hidden", type=int, default=64)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default; on a shared 2-core host 1 is several times faster)")
     args = p.parse_args()
 
     import torch
@@ -356,7 +357,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if step % 100 == 0 or step == steps:
             el = time.perf_counter() - t_train
             msg = f"  step {step}/{steps} loss {ema:.3f} lr {lr:.2e} {el:.0f}s"

@@ -286,11 +286,21 @@ def eval_(cache: str, student: str, split: str, batch_size: int, max_rows_per_do
 
 
 @cli.command()
-@click.option("--out", default="demo-out", show_default=True)
-def demo(out: str) -> None:
-    """The whole pipeline on the built-in small corpus and models."""
-    from .demo import run_demo
-    run_demo(out)
+@click.option("--out", default="demo-out", show_default=True, help="Output directory (re-running continues).")
+@click.option("--backend", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True,
+              help="Capture engine.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Training steps per compared method.")
+@click.option("--warmup-steps", type=int, default=200, show_default=True,
+              help="CE steps that pre-train the shipped random-init student first.")
+@click.option("--max-tokens-per-domain", type=int, default=120_000, show_default=True,
+              help="Corpus tokens captured per domain.")
+def demo(out: str, backend: str, steps: int, warmup_steps: int, max_tokens_per_domain: int) -> None:
+    """The whole pipeline on the shipped reference corpus, teacher and student: capture -> inspect -> profile ->
+    train CPT, KD and DDK+AdaKD -> eval; writes OUT/report.md and PNG plots."""
+    from .demo import DemoConfig, run_demo
+    report = run_demo(DemoConfig(out=out, backend=backend, steps=steps, warmup_steps=warmup_steps,
+                                 max_tokens_per_domain=max_tokens_per_domain))
+    click.echo(f"report: {report}")
 
 
 def main() -> None:

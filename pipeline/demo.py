@@ -1,64 +1,255 @@
-"""kdcache demo: the pipeline on a built-in toy corpus with tiny local models (no downloads).
+"""kdcache demo: the whole pipeline on the shipped reference corpus, teacher and student (no downloads).
 
-Today it runs capture (vLLM when it can run, else HF) -> inspect -> verify and writes DIR/report.md; profile,
-train and eval join as their stages land. The teacher is a random-weight tiny Llama until the reference teacher
-ships, so the numbers show the machinery, not distillation quality.
+    capture (vLLM) -> inspect + verify -> student warm-up (CE) -> profile -> train CPT, KD and DDK+AdaKD for the
+    same steps -> eval -> DIR/report.md and PNG plots
+
+The assets in pipeline/assets/reference/ come from scripts/train_reference_teacher.py (see its README.md). The
+student is first trained briefly with plain CE (`warmup_steps`), because DDK and AdaKD distil pretrained students;
+every method then starts from that same student with the same steps, batch, lr and seed. Re-running continues:
+a finished stage is kept (the capture resumes shard by shard, a finished training run is not redone).
 """
 
+import json
 import logging
+import shutil
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from cache_format import verify_cache
+from cache_format import KdcacheError, verify_cache
 
 from .capture import CaptureConfig, run_capture
-from .toy import WORDS, build_llama, build_tokenizer, write_toy_corpus
+from .corpus import DataSpec
+from .profile import format_profile_table, run_profile
 
 log = logging.getLogger("kdcache")
 
+ASSETS = Path(__file__).resolve().parent / "assets" / "reference"
+DOMAINS = ("code", "data", "prose", "arith")
 
-def run_demo(out: str) -> Path:
-    root = Path(out)
+# name: `kdcache train` options of each compared method (everything else is shared)
+METHODS = {
+    "CPT": dict(loss="ce"),
+    "KD": dict(loss="fkl"),
+    "DDK+AdaKD": dict(loss="fkl", sampling="ddk", ce_weight=0.0, kd_weight=1.0, adakd=True),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo-out"
+    backend: str | None = "vllm"         # None: vLLM when it can run, else HF
+    steps: int = 600                     # optimizer steps per compared method
+    warmup_steps: int = 200              # CE steps that make the shipped random-init student a "pretrained" one
+    batch_size: int = 8
+    lr: float = 3e-3
+    max_tokens_per_domain: int | None = 120_000
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "warmup_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise KdcacheError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every stage into cfg.out and write cfg.out/report.md; returns the report's path."""
+    from trainer.train import TrainConfig, run_train     # pipeline -> trainer, never the reverse
+
+    root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
-    step = lambda msg: click.echo(click.style(f"==> {msg}", bold=True), err=True)  # noqa: E731
+    seconds: dict[str, float] = {}
+    n_stages = 6
 
-    step(f"corpus: {len(WORDS)} toy domains -> {root / 'corpus'}")
-    specs = write_toy_corpus(root / "corpus", 400, seed=0)
+    def stage(i: int, msg: str) -> None:
+        click.echo(click.style(f"==> [{i}/{n_stages}] {msg}", bold=True), err=True)
 
-    teacher = root / "models" / "teacher"
-    if not (teacher / "config.json").exists():
-        step(f"teacher: tiny random Llama (2 layers, d=128) + BPE tokenizer -> {teacher}")
-        tok = build_tokenizer(teacher)
-        build_llama(teacher, len(tok), hidden=128, layers=2, seed=0, eos_id=tok.eos_token_id)
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return result
 
+    # 1. capture
     cache = root / "cache"
-    step(f"capture -> {cache}")
-    t0 = time.perf_counter()
-    run_capture(CaptureConfig(teacher=str(teacher), data=tuple(specs), out=str(cache), top_k=64, seq_len=128,
-                              val_fraction=0.05, shard_size_mb=1.0))
-    capture_s = time.perf_counter() - t0
+    stage(1, f"capture: reference teacher over {len(DOMAINS)} domains ({cfg.backend or 'auto'} engine) -> {cache}")
+    capture_cfg = CaptureConfig(
+        teacher=str(ASSETS / "teacher"), out=str(cache), backend=cfg.backend, top_k=64, seq_len=128,
+        data=tuple(DataSpec(d, str(ASSETS / "corpus" / f"{d}.jsonl")) for d in DOMAINS), val_fraction=0.05,
+        max_tokens_per_domain=cfg.max_tokens_per_domain, shard_size_mb=16.0, gpu_memory_utilization=0.25)
+    done_before = (cache / "manifest.json").exists()
+    timed("capture", lambda: run_capture(capture_cfg))
 
-    step("verify")
-    report = verify_cache(cache)
+    # 2. inspect + verify
     from .cli import cache_summary
+    stage(2, "inspect + verify")
     summary = cache_summary(str(cache))
-    click.echo(f"OK: {report.shards} shards, {report.rows} rows, {report.tokens} tokens, "
-               f"{summary['total']['bytes_per_token']} bytes/token", err=True)
+    checked = timed("verify", lambda: verify_cache(cache))
+    click.echo(f"   {checked.shards} shards, {checked.tokens:,} tokens, {summary['total']['bytes_per_token']} "
+               f"bytes/token; every checksum OK", err=True)
 
+    # 3. student warm-up: plain CE, natural mix
+    base = dict(cache=str(cache), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                eval_rows=10**6, log_every=1)
+    warm = root / "runs" / "student-warmup"
+    stage(3, f"student warm-up: {cfg.warmup_steps} steps of CE from the shipped random-init student -> {warm}")
+    timed("warm-up", lambda: _train(TrainConfig(**{**base, "steps": cfg.warmup_steps}, student=str(ASSETS / "student"),
+                                                out=str(warm), loss="ce")))
+    student = warm / "final"
+
+    # 4. profile
+    stage(4, f"profile: the warmed-up student against the teacher on the val split -> {root / 'profile.json'}")
+    profile = timed("profile", lambda: run_profile(cache, student, root / "profile.json"))
+    click.echo(format_profile_table(profile), err=True)
+
+    # 5. train each method for the same steps
+    evals = {}
+    for i, (name, options) in enumerate(METHODS.items(), 1):
+        run = root / "runs" / _slug(name)
+        stage(5, f"train {name} ({i}/{len(METHODS)}): {cfg.steps} steps, {_options_text(options)} -> {run}")
+        evals[name] = timed(name, lambda: _train(TrainConfig(**base, **options, student=str(student), out=str(run))))
+
+    # 6. report + plots
+    stage(6, f"report -> {root / 'report.md'}")
+    ddk_run = root / "runs" / _slug("DDK+AdaKD")
+    for png in ("domain_weights.png", "domain_loss.png", "adakd.png"):
+        shutil.copyfile(ddk_run / png, root / png)
+    _plot_val_ppl(profile, evals, root / "val_ppl.png")
+    report = _report(cfg, summary, checked.bytes, done_before, seconds, profile, evals,
+                     _read_metrics(ddk_run / "metrics.jsonl"))
+    (root / "report.md").write_text(report)
+    click.echo(_ppl_table(profile, evals), err=True)
+    return root / "report.md"
+
+
+def _train(cfg) -> dict:
+    """run_train, kept when finished (eval.json there), resumed when a checkpoint exists, else started anew."""
+    from trainer.train import latest_checkpoint, run_train
+
+    run = Path(cfg.out)
+    if (run / "eval.json").exists():
+        log.info("%s is finished: kept", run)
+        return json.loads((run / "eval.json").read_text())
+    if run.exists() and latest_checkpoint(run) is not None:
+        return run_train(replace(cfg, resume=True, save_every=50))
+    shutil.rmtree(run, ignore_errors=True)                      # a run killed before its first checkpoint
+    return run_train(replace(cfg, save_every=50))
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace("+", "-")
+
+
+def _options_text(options: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _ppl_rows(profile: dict, evals: dict) -> list[tuple[str, dict]]:
+    """(row name, {domain: val perplexity}) for the teacher, the starting student and every method."""
+    rows = [("teacher", {d: v["teacher_ppl"] for d, v in profile["domains"].items()}),
+            ("student before (warm-up)", {d: v["student_ppl"] for d, v in profile["domains"].items()})]
+    return rows + [(name, {d: v["ppl"] for d, v in e["domains"].items()}) for name, e in evals.items()]
+
+
+def _ppl_table(profile: dict, evals: dict) -> str:
+    domains = list(profile["domains"])
+    lines = ["| model | " + " | ".join(domains) + " | average |", "|---" * (len(domains) + 2) + "|"]
+    for name, ppl in _ppl_rows(profile, evals):
+        avg = sum(ppl[d] for d in domains) / len(domains)
+        lines.append(f"| {name} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | **{avg:.3f}** |")
+    return "\n".join(lines)
+
+
+def _plot_val_ppl(profile: dict, evals: dict, path: Path) -> None:
+    """Grouped bars: per-domain val perplexity of the starting student, each method and the teacher."""
+    from trainer.plots import plt, save_figure
+
+    rows = _ppl_rows(profile, evals)
+    domains = list(profile["domains"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(rows)
+    for i, (name, ppl) in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(domains))], [ppl[d] for d in domains], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
+    ax.set(ylabel="val perplexity (lower is better)", title="per-domain validation perplexity")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
+    save_figure(fig, path)
+
+
+def _report(cfg: DemoConfig, summary: dict, nbytes: int, captured_before: bool, seconds: dict, profile: dict,
+            evals: dict, ddk_records: list[dict]) -> str:
+    teacher = summary["teacher"]
+    total = summary["total"]
+    domains = list(profile["domains"])
+    capture_line = (f"captured in an earlier run of the demo (kept); this run: {seconds['capture']} s" if captured_before
+                    else f"{total['tokens']:,} tokens in {seconds['capture']} s wall including the engine start "
+                         f"({total['tokens'] / seconds['capture']:,.0f} tokens/s)")
     lines = [
         "# kdcache demo report", "",
-        f"- teacher: `{teacher}` ({summary['teacher']['engine']} {summary['teacher']['engine_version']}, "
-        f"{summary['teacher']['dtype']}), a random-weight tiny Llama: the machinery, not distillation quality",
-        f"- cache: `{cache}`, top_k {summary['top_k']}, seq_len {summary['seq_len']}, codec {summary['codec']['name']}",
-        f"- capture wall time {capture_s:.1f}s including engine start; {report.tokens} tokens",
-        f"- size: {report.bytes} bytes, {summary['total']['bytes_per_token']} bytes/token; verify: OK", "",
+        "What ran (the same as these commands; `ASSETS` = `pipeline/assets/reference`):", "",
+        "```",
+        f"kdcache capture --teacher ASSETS/teacher --backend {teacher['engine']} --top-k 64 --seq-len 128 "
+        f"--val-fraction 0.05 --max-tokens-per-domain {cfg.max_tokens_per_domain} "
+        + " ".join(f"--data {d}=ASSETS/corpus/{d}.jsonl" for d in DOMAINS) + f" --out {cfg.out}/cache",
+        f"kdcache inspect {cfg.out}/cache && kdcache verify {cfg.out}/cache",
+        f"kdcache train --cache {cfg.out}/cache --student ASSETS/student --loss ce --steps {cfg.warmup_steps} "
+        f"--out {cfg.out}/runs/student-warmup",
+        f"kdcache profile --cache {cfg.out}/cache --student {cfg.out}/runs/student-warmup/final "
+        f"--out {cfg.out}/profile.json",
+        *(f"kdcache train --cache {cfg.out}/cache --student {cfg.out}/runs/student-warmup/final "
+          f"{_options_text(o)} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} "
+          f"--out {cfg.out}/runs/{_slug(n)}" for n, o in METHODS.items()),
+        "```", "",
+        "## The cache", "",
+        f"- teacher: the shipped reference Llama (`{teacher['name']}`), engine {teacher['engine']} "
+        f"{teacher['engine_version']}, {teacher['dtype']}",
+        f"- top-k {summary['top_k']}, seq_len {summary['seq_len']}, codec `{summary['codec']['name']}`, "
+        f"{total['rows']:,} rows",
+        f"- size: {nbytes / 2**20:.1f} MiB on disk, **{total['bytes_per_token']} bytes/token**; verify: every "
+        f"shard's checksum OK",
+        f"- capture speed: {capture_line}", "",
         "| split | domain | rows | tokens | bytes/token |", "|---|---|---|---|---|",
+        *(f"| {split} | {d} | {v['rows']} | {v['tokens']:,} | {v['bytes_per_token']} |"
+          for split, ds in summary["splits"].items() for d, v in ds.items()), "",
+        "## The student-teacher gap before distillation (`kdcache profile`)", "",
+        "| domain | val tokens | student ppl | teacher ppl | ratio | KL | DDK weight |", "|---|---|---|---|---|---|---|",
+        *(f"| {d} | {v['tokens']:,} | {v['student_ppl']:.3f} | {v['teacher_ppl']:.3f} | {v['ratio']:.3f} | "
+          f"{v['kl']:.4f} | {v['weight']:.3f} |" for d, v in profile["domains"].items()), "",
+        f"## Per-domain validation perplexity after {cfg.steps} steps", "",
+        f"Every method starts from the warmed-up student and trains {cfg.steps} steps × {cfg.batch_size} rows × "
+        f"{summary['seq_len']} tokens, lr {cfg.lr}, seed {cfg.seed}; the whole val split is evaluated. "
+        "CPT = plain CE on the corpus; KD = forward KL to the cached teacher, natural domain mix; "
+        "DDK+AdaKD = the same loss with DDK's domain sampling and AdaKD's token focusing and temperatures.", "",
+        _ppl_table(profile, evals), "",
+        "![per-domain val perplexity](val_ppl.png)", "",
+        "## DDK's domain weights (DDK+AdaKD run)", "",
+        "The sampling mix follows the student-teacher gap, re-measured on val rows and smoothed (Eq. 2):", "",
+        "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|",
     ]
-    for split, domains in summary["splits"].items():
-        lines += [f"| {split} | {d} | {v['rows']} | {v['tokens']} | {v['bytes_per_token']} |" for d, v in domains.items()]
-    lines += ["", "Next stages (profile, train, eval) join this demo as they land."]
-    (root / "report.md").write_text("\n".join(lines) + "\n")
-    step(f"report -> {root / 'report.md'}")
-    return root
+    for r in _milestones(ddk_records, 6):
+        lines.append(f"| {r['step']} | " + " | ".join(f"{r['domain_weights'][d]:.3f}" for d in domains) + " |")
+    last = ddk_records[-1]
+    lines += [
+        "", "![domain weights](domain_weights.png)", "", "![per-domain training loss](domain_loss.png)", "",
+        "## AdaKD", "",
+        f"LATF distilled {last['focus_ratio']:.0%} of the tokens at the last step (the hardest by Hellinger distance); "
+        f"IDTS temperatures there ranged {last['tau_min']:.2f}-{last['tau_max']:.2f} (mean {last['tau_mean']:.2f}).", "",
+        "![AdaKD focus and temperatures](adakd.png)", "",
+        "## Time", "",
+        "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in seconds.items()),
+        "", f"Full runs (metrics.jsonl, TensorBoard logs, checkpoints, final students): `{cfg.out}/runs/`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _milestones(records: list[dict], n: int) -> list[dict]:
+    """n records spread evenly over the run, first and last included."""
+    picks = sorted({round(i * (len(records) - 1) / (n - 1)) for i in range(n)})
+    return [records[i] for i in picks]

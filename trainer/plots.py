@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
@@ -29,7 +29,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax_lr.plot(steps, [r["lr"] for r in records], color="gray")
     ax_lr.set(xlabel="step", title="learning rate")
     ax_lr.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_domain_weights(records: list[dict], path: Path) -> None:
@@ -40,7 +40,7 @@ def plot_domain_weights(records: list[dict], path: Path) -> None:
     ax.stackplot(steps, [[r["domain_weights"][d] for r in records] for d in domains], labels=domains, alpha=0.85)
     ax.set(xlabel="step", ylabel="sampling weight", ylim=(0, 1), title="domain weights")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_domain_losses(records: list[dict], path: Path, window: int = 20) -> None:
@@ -54,7 +54,7 @@ def plot_domain_losses(records: list[dict], path: Path, window: int = 20) -> Non
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"per-domain training loss ({window}-step average)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_adakd(records: list[dict], path: Path) -> None:
@@ -70,4 +70,4 @@ def plot_adakd(records: list[dict], path: Path) -> None:
     for ax in (ax_r, ax_t):
         ax.grid(alpha=0.3)
     ax_t.legend()
-    _save(fig, path)
+    save_figure(fig, path)

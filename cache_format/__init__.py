@@ -8,13 +8,13 @@ from .fingerprint import files_fingerprint, tokenizer_fingerprint, weights_finge
 from .manifest import (MANIFEST_NAME, DomainInfo, Manifest, ShardInfo, SplitRule, TeacherInfo, TokenizerInfo,
                        read_manifest, write_manifest)
 from .reader import Cache, open_cache
-from .schema import FORMAT_VERSION, SPLITS, TopkV1, codec_from_params
+from .schema import FORMAT_VERSION, SPLITS, TopkV1, TopkV2, codec_from_params
 from .verify import VerifyReport, verify_cache
 from .writer import ShardWriter, file_sha256
 
 __all__ = [
     "Cache", "CacheError", "DomainInfo", "FORMAT_VERSION", "KdcacheError", "MANIFEST_NAME", "Manifest", "SPLITS",
-    "ShardInfo", "ShardWriter", "SplitRule", "TeacherInfo", "TokenizerInfo", "TopkV1", "VerifyReport",
+    "ShardInfo", "ShardWriter", "SplitRule", "TeacherInfo", "TokenizerInfo", "TopkV1", "TopkV2", "VerifyReport",
     "codec_from_params", "file_sha256", "files_fingerprint", "open_cache", "read_manifest", "tokenizer_fingerprint",
     "verify_cache", "weights_fingerprint", "write_manifest",
 ]

@@ -3,8 +3,10 @@
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from . import storage
 from .errors import CacheError
 from .schema import FORMAT_NAME, FORMAT_VERSION, SPLITS
 
@@ -105,31 +107,28 @@ class Manifest:
         return [s for domains in self.splits.values() for info in domains.values() for s in info.shards]
 
 
-def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (tmp + fsync + rename): the cache's commit point."""
-    cache_dir = Path(cache_dir)
-    final = cache_dir / MANIFEST_NAME
-    tmp = cache_dir / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return final
+def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> str:
+    """Write manifest.json atomically (local: tmp + fsync + rename; object store: one upload): the cache's commit
+    point, so write it after every shard. cache_dir: a path or URL (storage.py). Returns where it was written."""
+    fs, base = storage.resolve(cache_dir)
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    storage.write_bytes(fs, storage.join(base, MANIFEST_NAME), text.encode())
+    return storage.join(str(cache_dir), MANIFEST_NAME)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
-    cache_dir = Path(cache_dir)
-    if not cache_dir.exists():
+    """The manifest of a finished cache (a path or URL); CacheError naming what is missing or malformed."""
+    fs, base = storage.resolve(cache_dir)
+    kind = fs.get_file_info(base).type
+    if kind == pafs.FileType.NotFound:
         raise CacheError(f"{cache_dir}: no such cache directory")
-    if not cache_dir.is_dir():
+    if kind != pafs.FileType.Directory:
         raise CacheError(f"{cache_dir}: not a directory")
-    path = cache_dir / MANIFEST_NAME
-    if not path.exists():
+    path = storage.join(str(cache_dir), MANIFEST_NAME)
+    if storage.size(fs, storage.join(base, MANIFEST_NAME)) is None:
         raise CacheError(f"{cache_dir}: no {MANIFEST_NAME} (not a cache, or a capture that has not finished)")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(storage.read_bytes(fs, storage.join(base, MANIFEST_NAME)))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path}: malformed JSON ({e})") from None
-    return Manifest.from_dict(d, where=str(path))
+    return Manifest.from_dict(d, where=path)

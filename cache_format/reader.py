@@ -1,4 +1,4 @@
-"""Reading a cache: open_cache(path) -> Cache; rows come back as dicts of numpy arrays."""
+"""Reading a cache: open_cache(path or URL) -> Cache; rows come back as dicts of numpy arrays."""
 
 import hashlib
 import os
@@ -8,25 +8,32 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import CacheError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
 from .schema import SPLITS, codec_from_params
-from .writer import file_sha256
 
 
 class Cache:
-    """A finished cache. Every shard's size and sha256 is checked before its first read (once per Cache)."""
+    """A finished cache. Every shard's size and sha256 is checked before its first read (once per Cache).
 
-    def __init__(self, root: Path, manifest: Manifest):
+    root: a Path for a local cache, else the URL (s3://..., see storage.py); messages name files under it."""
+
+    def __init__(self, root: Path | str, manifest: Manifest):
         self.root = root
         self.manifest = manifest
         self.codec = codec_from_params(manifest.codec, manifest.top_k)
+        self._fs, self._base = storage.resolve(root)
         self._checked: set[str] = set()
 
     @property
     def fingerprint(self) -> str:
         """sha256 of manifest.json: names this exact cache (its shards' checksums are inside)."""
-        return hashlib.sha256((self.root / MANIFEST_NAME).read_bytes()).hexdigest()
+        return hashlib.sha256(storage.read_bytes(self._fs, storage.join(self._base, MANIFEST_NAME))).hexdigest()
+
+    def where(self, rel: str) -> str:
+        """How messages name a file of the cache."""
+        return str(self.root / rel) if isinstance(self.root, Path) else storage.join(self.root, rel)
 
     def domains(self, split: str = "train") -> list[str]:
         """Domains with at least one row in `split`, sorted by name."""
@@ -42,14 +49,15 @@ class Cache:
         names = [domain] if domain is not None else sorted(domains)
         return [s for name in names for s in domains[name].shards]
 
-    def check_shard_size(self, shard: ShardInfo) -> Path:
-        """The cheap check: the shard exists with the manifest's size. Returns its path."""
-        path = self.root / shard.path
-        if not path.is_file():
-            raise CacheError(f"{path}: shard missing")
-        size = path.stat().st_size
+    def check_shard_size(self, shard: ShardInfo) -> str:
+        """The cheap check: the shard exists with the manifest's size. Returns its path in the filesystem."""
+        path = storage.join(self._base, shard.path)
+        size = storage.size(self._fs, path)
+        if size is None:
+            raise CacheError(f"{self.where(shard.path)}: shard missing")
         if size != shard.bytes:
-            raise CacheError(f"{path}: shard is {size} bytes, manifest says {shard.bytes} (truncated or replaced)")
+            raise CacheError(f"{self.where(shard.path)}: shard is {size} bytes, manifest says {shard.bytes} "
+                             f"(truncated or replaced)")
         return path
 
     def check_shard(self, shard: ShardInfo) -> None:
@@ -57,8 +65,8 @@ class Cache:
         if shard.path in self._checked:
             return
         path = self.check_shard_size(shard)
-        if file_sha256(path) != shard.sha256:
-            raise CacheError(f"{path}: sha256 mismatch (shard corrupted)")
+        if storage.sha256(self._fs, path) != shard.sha256:
+            raise CacheError(f"{self.where(shard.path)}: sha256 mismatch (shard corrupted)")
         self._checked.add(shard.path)
 
     def num_row_groups(self, shard: ShardInfo) -> int:
@@ -68,7 +76,7 @@ class Cache:
     def read_row_group(self, shard: ShardInfo, index: int) -> Iterator[dict]:
         """Decoded rows of one row group (the unit a data loader schedules)."""
         self.check_shard(shard)
-        where = str(self.root / shard.path)
+        where = self.where(shard.path)
         try:
             table = self._parquet(shard).read_row_group(index)
         except (OSError, pa.ArrowException) as e:
@@ -90,9 +98,9 @@ class Cache:
         else:
             self.check_shard_size(shard)
         try:
-            return pq.ParquetFile(self.root / shard.path)
+            return pq.ParquetFile(self._fs.open_input_file(storage.join(self._base, shard.path)))
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{self.root / shard.path}: not a readable Parquet file ({e})") from None
+            raise CacheError(f"{self.where(shard.path)}: not a readable Parquet file ({e})") from None
 
 
 def _check_split(split: str) -> None:
@@ -101,6 +109,7 @@ def _check_split(split: str) -> None:
 
 
 def open_cache(path: str | os.PathLike) -> Cache:
-    """Open a finished cache; a directory without a valid manifest.json is refused with a CacheError."""
-    root = Path(path)
+    """Open a finished cache (a local path or a URL, see storage.py); a directory without a valid manifest.json is
+    refused with a CacheError."""
+    root = Path(path) if "://" not in str(path) else str(path).rstrip("/")
     return Cache(root, read_manifest(root))

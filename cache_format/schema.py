@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from .codec_v2 import TopkV2
 from .errors import CacheError
 
 FORMAT_NAME = "kdcache"
@@ -99,9 +100,14 @@ class TopkV1:
             }
 
 
-def codec_from_params(params: dict, top_k: int) -> TopkV1:
-    """The codec a manifest names; an unknown name is a clear CacheError."""
+def codec_from_params(params: dict, top_k: int) -> "TopkV1 | TopkV2":
+    """The codec a manifest names; an unknown name or bad parameters are a clear CacheError."""
     name = params.get("name")
     if name == "topk-v1":
         return TopkV1(top_k=top_k)
-    raise CacheError(f"unknown codec {name!r} (this kdcache reads: topk-v1)")
+    if name == "topk-v2":
+        try:
+            return TopkV2(top_k=top_k, **{k: v for k, v in params.items() if k != "name"})
+        except TypeError as e:
+            raise CacheError(f"codec topk-v2: bad parameters {params} ({e})") from None
+    raise CacheError(f"unknown codec {name!r} (this kdcache reads: topk-v1, topk-v2)")

@@ -25,7 +25,7 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
             if sum(s.rows for s in info.shards) != info.rows or sum(s.tokens for s in info.shards) != info.tokens:
                 raise CacheError(f"{cache.root}/manifest.json: {split}/{domain} totals do not add up over its shards")
             for shard in info.shards:
-                where = cache.root / shard.path
+                where = cache.where(shard.path)
                 cache.check_shard(shard)
                 pf = cache._parquet(shard)
                 if pf.schema_arrow != cache.codec.arrow_schema:

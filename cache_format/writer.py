@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .manifest import ShardInfo
-from .schema import TopkV1
+from .schema import TopkV1, TopkV2
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -25,7 +25,7 @@ class ShardWriter:
     next run overwrites. `close()` returns the ShardInfo (rows, tokens, bytes, sha256) for the manifest.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, rel_path: str, codec: TopkV1, row_group_rows: int = 64,
+    def __init__(self, cache_dir: str | os.PathLike, rel_path: str, codec: TopkV1 | TopkV2, row_group_rows: int = 64,
                  compression_level: int = 3):
         self.cache_dir = Path(cache_dir)
         self.rel_path = rel_path

@@ -9,11 +9,13 @@ Resume: a finished shard is renamed into place and recorded in `.progress/`; a r
 rest. The manifest is written last.
 """
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache_format import (DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter, SplitRule, TeacherInfo,
-                          TokenizerInfo, TopkV1, files_fingerprint, tokenizer_fingerprint, weights_fingerprint,
+                          TokenizerInfo, TopkV1, TopkV2, files_fingerprint, tokenizer_fingerprint, weights_fingerprint,
                           write_manifest)
 from cache_format.manifest import MANIFEST_NAME
 
@@ -32,8 +34,9 @@ log = logging.getLogger("kdcache")
 CONFIG_NAME = "capture_config.json"
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
+DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
 # options that change no byte of the cache: a re-run may change them freely
-RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size")
+RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,13 @@ class CaptureConfig:
     data: tuple[DataSpec, ...]
     out: str
     backend: str | None = None          # None: vllm when it can run, else hf
-    top_k: int = 64
+    top_k: int = 64                     # the cap on entries per position (topk targets)
+    codec: str = "v2"                   # "v2": topk-v2 (quantised, adaptive k); "v1": topk-v1 (int32 + float32)
+    top_p: float | None = None          # v2 rule: keep the smallest prefix with this mass
+    kl_budget: float | None = None      # v2 rule: extra KL (nats) allowed per position
+    kl_scale: float | None = None       # v2 rule: the same, kl_scale x the row's truncation-KL bound; the default
+    targets: str = "topk"               # "topk", or "sampled": --samples draws from the teacher (RS-KD)
+    samples: int = 50
     seq_len: int = 1024
     val_fraction: float = 0.02
     split_seed: int = 0
@@ -54,7 +63,8 @@ class CaptureConfig:
     worker_index: int = 0
     shard_size_mb: float = 256.0        # target shard size (sets rows per shard)
     gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1       # vLLM: GPUs that split each layer (one node)
+    pipeline_parallel_size: int = 1     # vLLM: stages the layers are split into (GPUs or nodes)
 
     def __post_init__(self):
         checks = [
@@ -68,16 +78,45 @@ class CaptureConfig:
             (self.max_tokens_per_domain is None or self.max_tokens_per_domain > 0,
              f"--max-tokens-per-domain must be > 0, got {self.max_tokens_per_domain}"),
             (self.shard_size_mb > 0, f"--shard-size-mb must be > 0, got {self.shard_size_mb}"),
+            (self.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"),
+            (self.pipeline_parallel_size >= 1,
+             f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}"),
             (len(self.data) > 0, "no --data given (use --data DOMAIN=PATH, repeatable)"),
             (len({d.domain for d in self.data}) == len(self.data), "a domain is given twice in --data"),
+            (self.codec in ("v1", "v2"), f"--codec must be v1 or v2, got {self.codec!r}"),
+            (self.targets in ("topk", "sampled"), f"--targets must be topk or sampled, got {self.targets!r}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.kl_budget is None or self.kl_budget >= 0, f"--kl-budget must be >= 0, got {self.kl_budget}"),
+            (self.kl_scale is None or self.kl_scale >= 0, f"--kl-scale must be >= 0, got {self.kl_scale}"),
+            (0 < self.samples <= 255, f"--samples must be in 1..255, got {self.samples}"),
+            (self.codec == "v2" or (self.targets == "topk" and self.top_p is None and self.kl_budget is None
+                                    and self.kl_scale is None),
+             "--targets sampled, --top-p, --kl-budget and --kl-scale need --codec v2"),
+            (self.targets == "topk" or self.backend != "vllm",
+             "--targets sampled needs the full distribution: use --backend hf (vLLM returns only the top-k)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise KdcacheError(msg)
 
     @property
+    def width(self) -> int:
+        """K, the entries per position in the cache: --top-k, or --samples for sampled targets."""
+        return self.samples if self.targets == "sampled" else self.top_k
+
+    def make_codec(self, vocab_size: int) -> TopkV1 | TopkV2:
+        if self.codec == "v1":
+            return TopkV1(top_k=self.top_k)
+        rule = {"top_p": self.top_p, "kl_budget": self.kl_budget, "kl_scale": self.kl_scale}
+        if not any(v is not None for v in rule.values()):
+            rule["kl_scale"] = DEFAULT_KL_SCALE
+        return TopkV2(top_k=self.width, vocab_size=vocab_size, targets=self.targets, samples=self.samples,
+                      **(rule if self.targets == "topk" else {}))
+
+    @property
     def rows_per_shard(self) -> int:
-        bytes_per_row = self.seq_len * (8 * self.top_k + 8)    # topk-v1 before compression
+        per_entry = 8 if self.codec == "v1" else 3                      # bytes per entry before compression
+        bytes_per_row = self.seq_len * (per_entry * self.width + 8)
         return max(1, int(self.shard_size_mb * 2**20) // bytes_per_row)
 
     @property
@@ -85,7 +124,14 @@ class CaptureConfig:
         return max(1, min(self.rows_per_shard, 65536 // self.seq_len))
 
 
-def run_capture(cfg: CaptureConfig) -> Path:
+def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
+    """Capture (or resume) the cache cfg.out; returns its path. `stats`, when given, receives this run's
+    {"tokens", "seconds", "engine_start_s"}: the tokens sent through the teacher, their wall time end to end
+    (tokenisation, engine, writing) and the engine start, timed apart. An --out URL (s3://...) is captured into a
+    local staging directory (resumable there), then uploaded shard by shard, each read back, manifest last."""
+    if "://" in cfg.out:
+        from .merge import publish
+        return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
@@ -99,7 +145,10 @@ def run_capture(cfg: CaptureConfig) -> Path:
     max_pos = model_config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise KdcacheError(f"--seq-len {cfg.seq_len} is above the teacher's max_position_embeddings {max_pos}")
-    cfg = replace(cfg, backend=resolve_backend(cfg.backend))
+    cfg = replace(cfg, backend=resolve_backend(cfg.backend or ("hf" if cfg.targets == "sampled" else None)))
+    if cfg.backend != "vllm" and cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
+        raise KdcacheError(f"--tensor-parallel-size {cfg.tensor_parallel_size} / --pipeline-parallel-size "
+                           f"{cfg.pipeline_parallel_size}: model parallelism needs --backend vllm (got {cfg.backend})")
 
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
@@ -110,7 +159,7 @@ def run_capture(cfg: CaptureConfig) -> Path:
         log.info("%s is already complete (same options): nothing to do", out)
         return out
 
-    codec = TopkV1(top_k=cfg.top_k)
+    codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
     R = cfg.rows_per_shard
     streams = [(split, spec.domain) for spec in cfg.data for split in ("train", "val")]
     offsets = {s: i for i, s in enumerate(sorted(streams))}
@@ -169,6 +218,8 @@ def run_capture(cfg: CaptureConfig) -> Path:
         seconds = time.perf_counter() - started - load_seconds
         log.info("captured %d tokens in %.1fs (%.0f tokens/s end to end, engine start of %.0fs excluded)",
                  teacher_tokens, seconds, teacher_tokens / seconds, load_seconds)
+        if stats is not None:
+            stats.update(tokens=teacher_tokens, seconds=seconds, engine_start_s=load_seconds)
 
     splits = {split: {} for split in ("train", "val")}
     for (split, domain), infos in shards.items():
@@ -182,7 +233,7 @@ def run_capture(cfg: CaptureConfig) -> Path:
                             engine_version=engine["version"], logprobs_mode="raw_logprobs", dtype=engine["dtype"]),
         tokenizer=TokenizerInfo(vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                                 eos_id=int(tokenizer.eos_token_id)),
-        top_k=cfg.top_k, seq_len=cfg.seq_len, codec=codec.params(),
+        top_k=cfg.width, seq_len=cfg.seq_len, codec=codec.params(),
         split=SplitRule(rule=SPLIT_RULE, seed=cfg.split_seed, val_fraction=cfg.val_fraction),
         splits=splits, capture_config={**identity, "plan": plan}, created_by=f"kdcache {__version__}")
     write_manifest(out, manifest)
@@ -193,13 +244,18 @@ def run_capture(cfg: CaptureConfig) -> Path:
 
 
 def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, domain: str, teacher,
-                   cfg: CaptureConfig, codec: TopkV1, bar: tqdm) -> ShardInfo:
+                   cfg: CaptureConfig, codec: TopkV1 | TopkV2, bar: tqdm) -> ShardInfo:
     """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard."""
     writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows)
     try:
         for b in range(0, len(rows), cfg.batch_size):
             batch = rows[b:b + cfg.batch_size]
-            for i, (row, (ids, lps, target)) in enumerate(zip(batch, teacher.topk(batch, cfg.top_k))):
+            if cfg.targets == "sampled":       # per-row seeds: the same draws on any worker and after a resume
+                seeds = [zlib.crc32(f"{cfg.split_seed}:{rel}:{first_row + b + i}".encode()) for i in range(len(batch))]
+                results = teacher.sample(batch, cfg.samples, seeds)
+            else:
+                results = teacher.topk(batch, cfg.top_k)
+            for i, (row, (ids, lps, target)) in enumerate(zip(batch, results)):
                 writer.write({"row_index": first_row + b + i, "domain": domain, "input_ids": row,
                               "topk_ids": ids, "topk_logprobs": lps, "target_logprobs": target})
             bar.update(sum(len(r) for r in batch))
@@ -224,10 +280,17 @@ def _finished_shard(out: Path, rel: str) -> ShardInfo | None:
     return info
 
 
+def staging_dir(url: str) -> Path:
+    """Where a capture to `url` is staged: $KDCACHE_STAGING (default ~/.cache/kdcache/staging) / a hash of url."""
+    root = Path(os.environ.get("KDCACHE_STAGING") or Path.home() / ".cache" / "kdcache" / "staging")
+    return root / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def _engine_options(cfg: CaptureConfig) -> dict:
     if cfg.backend != "vllm":
         return {}
-    return {"gpu_memory_utilization": cfg.gpu_memory_utilization, "tensor_parallel_size": cfg.tensor_parallel_size}
+    return {"gpu_memory_utilization": cfg.gpu_memory_utilization, "tensor_parallel_size": cfg.tensor_parallel_size,
+            "pipeline_parallel_size": cfg.pipeline_parallel_size}
 
 
 def _check_or_write_identity(out: Path, identity: dict) -> None:

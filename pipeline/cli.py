@@ -30,7 +30,7 @@ class KdcacheGroup(click.Group):
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kdcache")
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors, and debug log lines.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """kdcache: offline knowledge distillation for LLMs.
@@ -39,6 +39,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.meta["kdcache.debug"] = debug
     logging.basicConfig(level=logging.INFO, format="kdcache: %(message)s", stream=sys.stderr)
+    if debug:                                   # kdcache's own debug lines (e.g. the rows each rank trains on)
+        logging.getLogger("kdcache").setLevel(logging.DEBUG)
 
 
 @cli.command()
@@ -46,9 +48,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
               help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt (also .jsonl.zst, "
                    ".jsonl.gz, a datasets save_to_disk dir). Repeatable.")
-@click.option("--out", help="Cache directory to write (re-running the same command resumes).")
+@click.option("--out", help="Cache directory or URL (s3://, gs://) to write (re-running the same command resumes).")
 @click.option("--backend", type=click.Choice(["vllm", "hf"]), default=None, help="Default: vllm if it can run, else hf.")
-@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--top-k", type=int, default=64, show_default=True, help="Entries per position (v2: the cap).")
+@click.option("--codec", type=click.Choice(["v2", "v1"]), default="v2", show_default=True,
+              help="v2: quantised log-probs, adaptive k; v1: plain int32 ids + float32 log-probs.")
+@click.option("--top-p", type=float, default=None, help="v2: keep the smallest prefix with this probability mass.")
+@click.option("--kl-budget", type=float, default=None,
+              help="v2: keep the fewest entries whose extra KL vs --top-k entries is <= this (nats per position).")
+@click.option("--kl-scale", type=float, default=None,
+              help="v2: the same with a budget per row of this times the row's mean bound on the top-k truncation KL. "
+                   "The default rule (0.015) when no --top-p/--kl-budget/--kl-scale is given.")
+@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True,
+              help="sampled: store --samples draws from the teacher (Random-Sampling KD, unbiased); needs hf.")
+@click.option("--samples", type=int, default=50, show_default=True, help="Draws per position with --targets sampled.")
 @click.option("--seq-len", type=int, default=1024, show_default=True)
 @click.option("--val-fraction", type=float, default=0.02, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
@@ -61,7 +74,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--shard-size-mb", type=float, default=256.0, show_default=True, help="Target shard size.")
 @click.option("--gpu-memory-utilization", type=float, default=None,
               help="vLLM: share of GPU memory (on CPU: of host RAM) for the engine. Default 0.9 GPU, 0.25 CPU.")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per teacher.")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
+              help="vLLM: GPUs that split each layer of the teacher (within a node).")
+@click.option("--pipeline-parallel-size", type=int, default=1, show_default=True,
+              help="vLLM: pipeline stages the teacher's layers are split into (GPUs or nodes).")
 @click.option("--config", "config_path", default=None,
               help="YAML file: any of these options (underscored names) and `data: {domain: path}`.")
 @click.pass_context
@@ -239,6 +255,7 @@ def _opt(name: str, type_=None, help_: str | None = None, **kw):
 @_opt("precision", click.Choice(["auto", "fp32", "bf16"]), "auto: bf16 autocast on GPU, fp32 on CPU.")
 @_opt("gradient_checkpointing", bool)
 @_opt("compile", bool, "torch.compile the student body.")
+@_opt("fsdp", bool, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP.")
 @_opt("device", str, "Default: cuda if available, else cpu.")
 @_opt("save_every", int, "Checkpoint every N steps (0: none); needed for --resume.")
 @_opt("keep_checkpoints", int)
@@ -294,12 +311,14 @@ def eval_(cache: str, student: str, split: str, batch_size: int, max_rows_per_do
               help="CE steps that pre-train the shipped random-init student first.")
 @click.option("--max-tokens-per-domain", type=int, default=120_000, show_default=True,
               help="Corpus tokens captured per domain.")
-def demo(out: str, backend: str, steps: int, warmup_steps: int, max_tokens_per_domain: int) -> None:
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch threads for the student stages (0: torch's default); the demo's models are tiny.")
+def demo(out: str, backend: str, steps: int, warmup_steps: int, max_tokens_per_domain: int, threads: int) -> None:
     """The whole pipeline on the shipped reference corpus, teacher and student: capture -> inspect -> profile ->
     train CPT, KD and DDK+AdaKD -> eval; writes OUT/report.md and PNG plots."""
     from .demo import DemoConfig, run_demo
     report = run_demo(DemoConfig(out=out, backend=backend, steps=steps, warmup_steps=warmup_steps,
-                                 max_tokens_per_domain=max_tokens_per_domain))
+                                 max_tokens_per_domain=max_tokens_per_domain, threads=threads))
     click.echo(f"report: {report}")
 
 

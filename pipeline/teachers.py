@@ -54,6 +54,20 @@ def _rows_from_logprobs(logprobs: torch.Tensor, rows: list[np.ndarray], k: int) 
     return out
 
 
+def sample_targets(logprobs: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-Sampling KD targets (papers.md §3.3): n draws with replacement from each row of logprobs (P, V) ->
+    distinct ids (P, n) int32 sorted by count (ties by id), log(count / n) (P, n) float32, -inf padding."""
+    draws, _ = torch.multinomial(logprobs.exp(), n, replacement=True, generator=generator).sort(-1)   # (P, n)
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    run = new.long().cumsum(-1) - 1                                        # (P, n) index of each draw's id
+    counts = torch.zeros_like(draws).scatter_add_(-1, run, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(-1, run, draws)
+    counts, order = counts.sort(dim=-1, descending=True, stable=True)
+    lp = torch.where(counts > 0, (counts.float() / n).log(), float("-inf"))
+    return ids.gather(-1, order).int(), lp
+
+
 class HFTeacher:
     """transformers AutoModelForCausalLM, batched forward, log_softmax + top-k on the device."""
 
@@ -74,6 +88,25 @@ class HFTeacher:
 
     @torch.inference_mode()
     def topk(self, rows: list[np.ndarray], k: int) -> list[TopkRow]:
+        return _rows_from_logprobs(self._logprobs(rows), rows, k)
+
+    @torch.inference_mode()
+    def sample(self, rows: list[np.ndarray], n: int, seeds: list[int]) -> list[TopkRow]:
+        """Sampled targets per row (sample_targets, the generator seeded per row): rows in the topk layout with
+        K = n, log(count / n) as logprobs."""
+        logprobs = self._logprobs(rows)                                    # (B, T, V)
+        out = []
+        for b, ids in enumerate(rows):
+            lp = logprobs[b, : len(ids) - 1]                               # (T-1, V)
+            gen = torch.Generator(lp.device).manual_seed(seeds[b])
+            s_ids, s_lp = sample_targets(lp, n, gen)
+            nxt = torch.as_tensor(ids[1:], dtype=torch.long, device=lp.device)
+            target = lp.gather(-1, nxt[:, None])[:, 0]                     # (T-1,)
+            out.append(_with_last_position(s_ids.cpu().numpy(), s_lp.cpu().numpy(), target.cpu().numpy()))
+        return out
+
+    def _logprobs(self, rows: list[np.ndarray]) -> torch.Tensor:
+        """(B, T, V) float32 log_softmax of right-padded rows."""
         T = max(len(r) for r in rows)
         input_ids = torch.zeros(len(rows), T, dtype=torch.long)            # (B, T), right-padded
         attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -82,7 +115,7 @@ class HFTeacher:
             attention_mask[b, : len(r)] = 1
         logits = self.model(input_ids=input_ids.to(self.device),
                             attention_mask=attention_mask.to(self.device)).logits  # (B, T, V)
-        return _rows_from_logprobs(torch.log_softmax(logits.float(), dim=-1), rows, k)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def close(self) -> None:
         del self.model
@@ -96,7 +129,7 @@ class VLLMTeacher:
     logprobs_mode = "raw_logprobs"
 
     def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
-                 tensor_parallel_size: int = 1, max_model_len: int | None = None):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, max_model_len: int | None = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
         # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
@@ -110,7 +143,7 @@ class VLLMTeacher:
         self.llm = LLM(model=path, max_logprobs=k, max_model_len=max_model_len, dtype=dtype,
                        enable_prefix_caching=False, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       seed=0)
+                       pipeline_parallel_size=pipeline_parallel_size, seed=0)
         model_config = self.llm.llm_engine.model_config
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.vocab_size = model_config.get_vocab_size()

@@ -1,6 +1,6 @@
 """Toy domains, a tiny tokenizer and tiny Llama models built locally from configs (no downloads).
 
-Used by `kdcache demo`, the benchmarks and the tests. Deterministic in their seeds.
+Used by the benchmarks and the tests. Deterministic in their seeds.
 """
 
 from pathlib import Path

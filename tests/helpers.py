@@ -24,10 +24,10 @@ def random_row(rng: np.random.Generator, row_index: int, domain: str, T: int, K:
 
 
 def write_synthetic_cache(cache_dir: Path, rows_per_domain: dict[str, int], T: int = 16, K: int = 8, V: int = 64,
-                          seed: int = 0, rows_per_shard: int = 5, row_group_rows: int = 2) -> Manifest:
-    """A complete cache of random rows (train split, plus a val split of 2 rows per domain)."""
+                          seed: int = 0, rows_per_shard: int = 5, row_group_rows: int = 2, codec=None) -> Manifest:
+    """A complete cache of random rows (train split, plus a val split of 2 rows per domain); codec default topk-v1."""
     rng = np.random.default_rng(seed)
-    codec = TopkV1(top_k=K)
+    codec = codec or TopkV1(top_k=K)
     splits: dict[str, dict[str, DomainInfo]] = {}
     for split, counts in (("train", rows_per_domain), ("val", {d: 2 for d in rows_per_domain})):
         for domain, n in counts.items():

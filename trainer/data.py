@@ -112,7 +112,7 @@ class _DomainReader:
 
     def next_row(self) -> dict:
         self._seek()
-        row = self._rows[self.row]
+        row = {**self._rows[self.row], "epoch": self.epoch}
         self.row += 1
         self._seek()            # the position always names a row that exists, so the state's epoch is exact
         return row
@@ -170,7 +170,8 @@ class CacheStream:
 
     def next_batch(self, weights: Weights) -> dict:
         """input_ids (B, T) int64, attention_mask (B, T) int64, topk_ids (B, T, K) int64, topk_logprobs (B, T, K)
-        float32, target_logprobs (B, T) float32, loss_mask (B, T) bool, domains list[str]; T = longest row."""
+        float32, target_logprobs (B, T) float32, loss_mask (B, T) bool, domains, row_index and epoch (each
+        row's pass over its domain) lists of B; T = longest row."""
         w = self.weight_vector(weights)
         picks = [self.domains[choose_domain(w, self.seed, self.step, b)] for b in range(self.batch_size)]
         rows = [self._readers[d].next_row() for d in picks]
@@ -270,7 +271,8 @@ class PrefetchStream:
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-pad rows to the longest: pad_id tokens, -inf logprobs, NaN targets, loss_mask False.
 
-    loss_mask is True at positions 0..len-2 of each row (those with a teacher distribution over a real token).
+    loss_mask is True at positions 0..len-2 of each row (those with a teacher distribution over a real token);
+    domains, row_index and epoch (None for rows not read by a CacheStream) are lists of B naming the rows.
     """
     B, T, K = len(rows), max(len(r["input_ids"]) for r in rows), rows[0]["topk_ids"].shape[1]
     input_ids = np.full((B, T), pad_id, np.int64)                       # (B, T)
@@ -293,6 +295,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "target_logprobs": torch.from_numpy(target_logprobs),
         "loss_mask": torch.from_numpy(positions < lengths[:, None] - 1),
         "domains": [r["domain"] for r in rows],
+        "row_index": [r["row_index"] for r in rows],
+        "epoch": [r.get("epoch") for r in rows],
     }
 
 

@@ -4,6 +4,8 @@ Over every position with a teacher distribution (the batch's loss_mask), per dom
     student_ce  mean cross-entropy of the student on the actual next token
     teacher_ce  mean of -target_logprobs from the cache (the teacher's CE on the same tokens)
     kl          mean forward KL(teacher || student) on the K+1 buckets (LOSSES["fkl"])
+                on a sampled cache (RS-KD) the sample estimate: KL plus a student-independent offset >= 0
+                (trainer.losses.check_sampled_targets)
     ppl         exp(student_ce)
 `mean` averages these over domains (each domain counts once) and sums `tokens`.
 
@@ -17,16 +19,20 @@ import torch
 
 from cache_format import Cache, CacheError, KdcacheError
 from trainer.data import check_cache, collate
+from trainer.distributed import Dist, all_reduce_sum
 from trainer.losses import LOSSES, cross_entropy
 
 KEYS = ("student_ce", "teacher_ce", "kl", "ppl")
 
 
-def _batches(cache: Cache, split: str, domain: str, batch_size: int, max_rows: int | None):
+def _batches(cache: Cache, split: str, domain: str, batch_size: int, max_rows: int | None, ranks: Dist):
+    """Batches of this rank's rows: row i of the first max_rows when i % world_size == rank."""
     rows = []
     for i, row in enumerate(cache.iter_rows(split, domain)):
         if max_rows is not None and i >= max_rows:
             break
+        if i % ranks.world_size != ranks.rank:
+            continue
         rows.append(row)
         if len(rows) == batch_size:
             yield collate(rows, cache.manifest.tokenizer.eos_id)
@@ -42,12 +48,14 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-@torch.inference_mode()
+@torch.no_grad()                # not inference_mode: FSDP's gathered parameters outlive the call
 def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_rows_per_domain: int | None = None,
-             device=None, chunk_size: int = 2048) -> dict:
+             device=None, chunk_size: int = 2048, ranks: Dist = Dist()) -> dict:
     """{"split", "domains": {D: {"tokens", "student_ce", "teacher_ce", "kl", "ppl"}}, "mean": {same keys}}.
 
     device: where batches go (None: the model's device). chunk_size: positions per loss chunk.
+    ranks: under torchrun every rank evaluates its share of the rows and the sums are all-reduced (the same report
+    on every rank); every rank runs the same number of forwards (FSDP gathers parameters in each one).
     Raises CacheError naming a missing/truncated/corrupt shard, KdcacheError for an empty split or a student
     whose logits cannot cover the cache's ids.
     """
@@ -65,8 +73,9 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
     report: dict = {"split": split, "domains": {}, "mean": {}}
     try:
         for domain in domains:
-            n, s_ce, t_ce, kl = 0, 0.0, 0.0, 0.0
-            for batch in _batches(cache, split, domain, batch_size, max_rows_per_domain):
+            n, s_ce, t_ce, kl, forwards = 0, 0.0, 0.0, 0.0, 0
+            for batch in _batches(cache, split, domain, batch_size, max_rows_per_domain, ranks):
+                forwards += 1
                 input_ids = batch["input_ids"].to(device)                                   # (B, T)
                 logits = model(input_ids=input_ids,
                                attention_mask=batch["attention_mask"].to(device)).logits   # (B, T, V)
@@ -91,6 +100,15 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
                 t_ce += -target_lps.double().sum().item()
                 n += int(mask.sum())
                 del logits
+            if ranks.world_size > 1:
+                rows = min(cache.manifest.splits[split][domain].rows,
+                           math.inf if max_rows_per_domain is None else max_rows_per_domain)
+                for _ in range(math.ceil(math.ceil(rows / ranks.world_size) / batch_size) - forwards):
+                    ones = torch.ones(1, 1, dtype=torch.long, device=device)       # (1, 1): keeps FSDP in step
+                    model(input_ids=ones * cache.manifest.tokenizer.eos_id, attention_mask=ones)
+                n, s_ce, t_ce, kl = all_reduce_sum(torch.tensor([n, s_ce, t_ce, kl], dtype=torch.float64,
+                                                                device=device), ranks).tolist()
+                n = int(n)
             stats = {"tokens": n, "student_ce": s_ce / max(n, 1), "teacher_ce": t_ce / max(n, 1),
                      "kl": kl / max(n, 1)}
             stats["ppl"] = math.exp(min(stats["student_ce"], 700.0))

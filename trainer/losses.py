@@ -18,6 +18,9 @@ on S, and tvd the excess TVD(P^tau, Q^tau) - TVD_bin. That excess is >= 0 for an
 onto the same binary pair), so L_tau >= 0. akl mixes the tempered fkl and rkl with weights from (P^tau, Q^tau).
 At tau == 1 (float or per-position tensor) every loss is exactly the plain K+1 bucket divergence; L_tau is
 continuous in tau.
+
+Sampled caches (Random-Sampling KD: p_hat = c / N, no tail mass): only fkl is unbiased there, at tau = 1
+(check_sampled_targets).
 """
 
 import math
@@ -25,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from cache_format import KdcacheError
 
 NEG_INF = float("-inf")
 TINY = torch.finfo(torch.float32).tiny
@@ -226,6 +231,26 @@ def akl(student_logits, topk_ids, topk_logprobs, temperature=1.0, mu=0.5):
 
 
 LOSSES: dict[str, Callable] = {"fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl}
+
+
+def check_sampled_targets(codec: dict, loss: str, temperature, adakd: bool = False) -> None:
+    """Refuse what a sampled cache (codec targets "sampled", Random-Sampling KD) cannot estimate without bias.
+
+    Such a cache holds p_hat_i = c_i / N for the distinct ids of N draws from the teacher; the tail bucket is then
+    empty (p_tail = 0). Since E[c_i / N] = p_i, fkl on these buckets, sum_i p_hat_i (log p_hat_i - log q_i), has
+    the expected gradient of the full-vocabulary KL(p || q) (its expected value is KL(p || q) plus the
+    student-independent H(p) - E[H(p_hat)] >= 0); tests/trainer/test_sampled_targets.py checks it. Every other
+    loss, tempering the teacher, and AdaKD's difficulty are nonlinear in p_hat: biased, so refused.
+    """
+    if codec.get("targets") != "sampled":
+        return
+    if loss not in ("fkl", "ce"):
+        raise KdcacheError(f"--loss {loss}: the cache holds sampled targets, on which only fkl (or ce) is unbiased")
+    if (torch.is_tensor(temperature) or temperature != 1) and loss != "ce":
+        raise KdcacheError(f"--temperature {temperature}: the cache holds sampled targets; use temperature 1")
+    if adakd:
+        raise KdcacheError("--adakd: the cache holds sampled targets; AdaKD's difficulty and temperatures would be "
+                           "biased on them")
 
 
 def cross_entropy(student_logits, targets):

@@ -16,6 +16,10 @@ Each optimizer step:
 RUN/ holds config.json (the resolved config and what it trained from), metrics.jsonl, tb/ (TensorBoard),
 checkpoints/step-NNNNNNNN/state.pt (model, optimizer, data stream, sampler, RNG: `--resume` continues bitwise on
 CPU), final/ (save_pretrained student + tokenizer), eval.json and PNG plots.
+
+Under torchrun (trainer/distributed.py) every rank runs this loop on its own slice of the cache with DDP, or FSDP2
+with --fsdp; the loss statistics (so LATF's EMA) and DDK's val measurement are all-reduced, so every rank holds the
+same weights; rank 0 alone writes RUN/, a checkpoint holds every rank's stream position and RNG.
 """
 
 import contextlib
@@ -34,9 +38,10 @@ import torch
 from tqdm import tqdm
 
 from cache_format import Cache, KdcacheError, open_cache, weights_fingerprint
+from trainer import distributed
 from trainer.data import CacheStream, PrefetchStream
 from trainer.evaluate import evaluate
-from trainer.losses import BUCKET_LOSSES, chunked_buckets, masked_mean
+from trainer.losses import BUCKET_LOSSES, check_sampled_targets, chunked_buckets, masked_mean
 from trainer.plots import plot_adakd, plot_domain_losses, plot_domain_weights, plot_losses
 from trainer.adakd import LATF, AdaKDConfig, adakd_token_weights
 from trainer.ddk import ddk_interval
@@ -93,7 +98,8 @@ class TrainConfig:
     precision: str = "auto"            # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     compile: bool = False
-    device: str | None = None          # None: cuda if available, else cpu
+    fsdp: bool = False                 # under torchrun: FSDP2 (fully_shard per decoder layer) instead of DDP
+    device: str | None = None          # None: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)
     save_every: int = 0                # checkpoint every N steps (0: none)
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -178,9 +184,20 @@ def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float) -> fl
 
 def run_train(cfg: TrainConfig) -> dict:
     """Train, write RUN/ (see the module docstring) and return the final eval report (or {})."""
+    ranks, device = distributed.init(resolve_device(cfg.device), cfg.fsdp)
+    try:
+        report = _train(cfg, ranks, device)
+    except BaseException:
+        distributed.close(finished=False)
+        raise
+    distributed.close(finished=True)
+    return report
+
+
+def _train(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> dict:
     run = Path(cfg.out)
     cache = open_cache(cfg.cache)
-    device = resolve_device(cfg.device)
+    check_sampled_targets(cache.manifest.codec, cfg.loss, cfg.temperature, cfg.adakd)
     sampler = FixedSampler(cache, cfg.sampling) if cfg.sampling != "ddk" else DDKSampler(
         cache, cfg.ddk_alpha, cfg.ddk_every, load_profile(cfg.ddk_profile, cache, cfg.student)
         if cfg.ddk_profile else None)
@@ -192,7 +209,10 @@ def run_train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    body = torch.compile(model.base_model) if cfg.compile else model.base_model
+    if cfg.compile:
+        model.base_model.compile()
+    student = distributed.wrap(_Distiller(model, vocab, cfg.chunk_size, buckets=cfg.loss != "ce"),
+                               list(getattr(model.base_model, "layers", [])), cfg.fsdp, ranks, device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
@@ -203,31 +223,40 @@ def run_train(cfg: TrainConfig) -> dict:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=device.type == "cuda")
     latf = LATF.from_config(cfg.adakd_config, cfg.steps) if cfg.adakd else None
-    stream = CacheStream(cache, "train", cfg.batch_size, cfg.seed)             # checks every shard's size
-    ckpt = _prepare_run(run, cfg, _identity(cfg, cache))                      # after all input checks
+    stream = CacheStream(cache, "train", cfg.batch_size, cfg.seed, ranks.rank, ranks.world_size)  # sizes checked
+    ckpt = distributed.on_main(lambda: _prepare_run(run, cfg, _identity(cfg, cache, ranks.world_size)),
+                               ranks)                                          # after all input checks
     start = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
+        state = torch.load(ckpt / "state.pt", map_location="cpu" if cfg.fsdp else device, weights_only=True)
+        _load_state(model, optimizer, state, cfg.fsdp)
+        stream.load_state_dict(state["stream"][ranks.rank])
         sampler.load_state_dict(state["sampler"])
         if latf is not None:
             latf.load_state_dict(state["adakd"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        rng = state["rng"][ranks.rank]
+        torch.set_rng_state(rng["torch"].cpu())
         if device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         start = state["step"]
         log.info("resuming %s from step %d (%s)", run, start, ckpt)
-    _write_metrics(run / "metrics.jsonl", _read_metrics(run / "metrics.jsonl", upto=start))
-
-    from torch.utils.tensorboard import SummaryWriter
-    tb = SummaryWriter(run / "tb", purge_step=start + 1)
-    measure = lambda: evaluate(cache, model, "val", cfg.batch_size, cfg.ddk_val_rows, device)  # noqa: E731
+    tb = None                                                                   # rank 0 writes RUN/
+    if ranks.main:
+        _write_metrics(run / "metrics.jsonl", _read_metrics(run / "metrics.jsonl", upto=start))
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(run / "tb", purge_step=start + 1)
+    # FSDP: the sharded root module runs the forwards (every rank takes part); else the local replica
+    eval_model = student if cfg.fsdp else model
+    measure = lambda: evaluate(cache, eval_model, "val", cfg.batch_size, cfg.ddk_val_rows, device,  # noqa: E731
+                               ranks=ranks)
     started = sampler.start(measure) if ckpt is None else None                 # DDK: Eq. 1 before step 1
+    if started:
+        distributed.check_identical(sampler.weights, "DDK domain weights", ranks)
     t_run, trained_tokens = time.perf_counter(), 0
-    with PrefetchStream(stream, cfg.prefetch) as batches, open(run / "metrics.jsonl", "a") as metrics, \
-            tqdm(total=cfg.steps, initial=start, desc="train", unit="step", mininterval=2.0) as bar:
+    with PrefetchStream(stream, cfg.prefetch) as batches, \
+            open(run / "metrics.jsonl", "a") if ranks.main else contextlib.nullcontext() as metrics, \
+            tqdm(total=cfg.steps, initial=start, desc="train", unit="step", mininterval=2.0,
+                 disable=not ranks.main) as bar:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
@@ -236,21 +265,31 @@ def run_train(cfg: TrainConfig) -> dict:
             weights = dict(sampler.weights)
             stats, tokens, row_losses, row_domains = {}, 0, [], []
             ratio = latf.ratio if latf is not None else 1.0                   # LATF's focus for this step
-            for _ in range(cfg.grad_accum):
+            for i in range(cfg.grad_accum):
                 batch = batches.next_batch(weights)
+                if log.isEnabledFor(logging.DEBUG):                            # --debug: the rows trained on
+                    log.debug("rank %d step %d rows %s", ranks.rank, step + 1,      # [[domain, epoch, row]]
+                              json.dumps(list(zip(batch["domains"], batch["epoch"], batch["row_index"]))))
                 _check_ids(batch, vocab, step)
                 tokens += int(batch["attention_mask"].sum())                   # on the host: no sync
                 batch = _to_device(batch, device)
-                with autocast():
-                    loss, micro, row_loss = _micro_step(body, lm_head.weight, batch, cfg, vocab, ratio)
-                (loss / cfg.grad_accum).backward()
+                with distributed.grad_sync(student, i + 1 == cfg.grad_accum):  # reduce on the last micro-batch
+                    with autocast():
+                        loss, micro, row_loss = _micro_step(student, batch, cfg, ratio)
+                    (loss / cfg.grad_accum).backward()
                 for key, value in {"loss": loss.detach(), **micro}.items():
                     stats[key] = stats.get(key, 0.0) + value / cfg.grad_accum
                 row_losses.append(row_loss)
                 row_domains += batch["domains"]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            norm_v, *values = torch.cat(
-                [grad_norm.reshape(1).float(), torch.stack(list(stats.values())), *row_losses]).tolist()  # 1 sync
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+            means = torch.stack(list(stats.values()))                          # (S,) this rank's
+            if ranks.world_size > 1:                                            # the mean over ranks, tokens summed
+                summed = distributed.all_reduce_sum(torch.cat([means.double() / ranks.world_size,
+                                                               means.new_tensor([tokens], dtype=torch.float64)]),
+                                                    ranks)
+                means, tokens = summed[:-1].float(), int(summed[-1])
+            norm_v, *values = torch.cat([grad_norm.reshape(1).float(), means, *row_losses]).tolist()  # 1 sync
             stats, rows_v = dict(zip(stats, values)), values[len(stats):]
             loss_v, kd_v, ce_v = stats["loss"], stats["kd_loss"], stats["ce_loss"]
             domain_loss = {}
@@ -270,11 +309,14 @@ def run_train(cfg: TrainConfig) -> dict:
             if latf is not None:
                 latf.update(kd_v, step + 1)                                     # Eq. 6-7: the next step's ratio
                 record["latf_ema"] = latf.ema
-            record.update(started or {}, **(sampler.maybe_update(step + 1, measure) or {}))
+            updated = sampler.maybe_update(step + 1, measure)
+            if updated:
+                distributed.check_identical(sampler.weights, "DDK domain weights", ranks)
+            record.update(started or {}, **(updated or {}))
             record["elapsed_s"] = time.perf_counter() - t_run                  # this process's loop, DDK included
             started = None
             trained_tokens += tokens
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if ranks.main and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 for key in ("lr", "grad_norm", "tokens_per_s", *stats):
@@ -284,42 +326,68 @@ def run_train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                metrics.flush()
-                os.fsync(metrics.fileno())
-                _save_checkpoint(run, cfg, step + 1, {
-                    "step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "stream": batches.state_dict(), "sampler": sampler.state_dict(),
-                    "adakd": latf.state_dict() if latf is not None else None,
-                    "rng": {"torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
-    tb.close()
+                agreed = {"sampler": sampler.state_dict(), "adakd": latf.state_dict() if latf is not None else None}
+                distributed.check_identical(agreed, "DDK / AdaKD states", ranks)
+                per_rank = distributed.gather({"stream": batches.state_dict(), "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, ranks)
+                model_state, optimizer_state = _state_dicts(model, optimizer, cfg.fsdp)   # FSDP: gathered
+                if ranks.main:
+                    metrics.flush()
+                    os.fsync(metrics.fileno())
+                    _save_checkpoint(run, cfg, step + 1, {
+                        "step": step + 1, "model": model_state, "optimizer": optimizer_state, **agreed,
+                        "stream": [r["stream"] for r in per_rank], "rng": [r["rng"] for r in per_rank]})
+    if tb is not None:
+        tb.close()
     elapsed = time.perf_counter() - t_run
     if cfg.steps > start:
         log.info("trained %d steps in %.1fs (%.0f tokens/s)", cfg.steps - start, elapsed,
                  trained_tokens / max(elapsed, 1e-9))
-    _save_final(run, model, tokenizer)
-    _plot(run, _read_metrics(run / "metrics.jsonl"))
+    full = _state_dicts(model, None, fsdp=True)[0] if cfg.fsdp else None      # FSDP: gathered for final/
+    if ranks.main:
+        _save_final(run, model, tokenizer, full)
+        _plot(run, _read_metrics(run / "metrics.jsonl"))
     report = {}
     if cfg.eval_rows and cache.domains("val"):
-        report = evaluate(cache, model, "val", cfg.batch_size, cfg.eval_rows, device)
-        _write_json(run / "eval.json", report)
+        report = evaluate(cache, eval_model, "val", cfg.batch_size, cfg.eval_rows, device, ranks=ranks)
+        if ranks.main:
+            _write_json(run / "eval.json", report)
         log.info("val: mean student CE %.4f (ppl %.2f), teacher CE %.4f, KL %.4f -> %s", report["mean"]["student_ce"],
                  report["mean"]["ppl"], report["mean"]["teacher_ce"], report["mean"]["kl"], run / "eval.json")
     log.info("wrote the student to %s", run / "final")
     return report
 
 
-def _micro_step(body, lm_head_weight, batch: dict, cfg: TrainConfig, vocab: int, focus: float = 1.0):
+class _Distiller(torch.nn.Module):
+    """The student's body and its chunked lm_head/bucket projection as one module: DDP and FSDP act on module
+    calls (gradient hooks, parameter gathering), and the lm_head weight is used without calling the head."""
+
+    def __init__(self, model, vocab: int, chunk_size: int, buckets: bool):
+        super().__init__()
+        self.model, self.vocab, self.chunk_size, self.buckets = model, vocab, chunk_size, buckets
+
+    def forward(self, input_ids, attention_mask, topk_ids=None, topk_logprobs=None):
+        """With the teacher's topk_* (B, T, K): ((lp, lq, live) (B*T, K+1) each or None, ce (B*T,)). Without:
+        the model's own output (logits (B, T, V): what evaluate() calls)."""
+        if topk_ids is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        B, T, D = hidden.shape                                                    # (B, T, D)
+        K = topk_ids.shape[-1]
+        targets = input_ids.roll(-1, dims=1)                                      # (B, T): position t -> token t+1
+        return chunked_buckets(hidden.reshape(B * T, D), self.model.get_output_embeddings().weight,
+                               topk_ids.reshape(B * T, K), topk_logprobs.reshape(B * T, K), targets.reshape(B * T),
+                               self.chunk_size, self.vocab, buckets=self.buckets)
+
+
+def _micro_step(student, batch: dict, cfg: TrainConfig, focus: float = 1.0):
     """(loss, stats, per-row loss (B,) detached) of one micro-batch; stats: detached 0-dim tensors ("kd_loss",
-    "ce_loss", and AdaKD's when on). focus: LATF's ratio of tokens to distil."""
-    input_ids, mask = batch["input_ids"], batch["loss_mask"]                     # (B, T)
-    hidden = body(input_ids=input_ids, attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, D)
-    B, T, D = hidden.shape
-    K = batch["topk_ids"].shape[-1]
-    targets = input_ids.roll(-1, dims=1)                                          # (B, T): position t -> token t+1
-    buckets, ce = chunked_buckets(hidden.reshape(B * T, D), lm_head_weight, batch["topk_ids"].reshape(B * T, K),
-                                  batch["topk_logprobs"].reshape(B * T, K), targets.reshape(B * T), cfg.chunk_size,
-                                  vocab, buckets=cfg.loss != "ce")               # (B*T, K+1) x3, (B*T,)
+    "ce_loss", and AdaKD's when on). student: a (wrapped) _Distiller. focus: LATF's ratio of tokens to distil."""
+    mask = batch["loss_mask"]                                                     # (B, T)
+    B, T = mask.shape
+    buckets, ce = student(batch["input_ids"], batch["attention_mask"], batch["topk_ids"],
+                          batch["topk_logprobs"])                                 # (B*T, K+1) x3, (B*T,)
     mask = mask.reshape(B * T)
     kd_mask, adakd_stats = mask, {}
     if cfg.loss == "ce":
@@ -354,10 +422,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 # The run directory.
 
-def _identity(cfg: TrainConfig, cache: Cache) -> dict:
-    """What decides the run's results: the config (less RESUME_FREE), the cache and the starting student."""
+def _identity(cfg: TrainConfig, cache: Cache, world_size: int) -> dict:
+    """What decides the run's results: the config (less RESUME_FREE), the number of ranks, the cache and the
+    starting student."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
-    return {"config": config, "cache_fingerprint": cache.fingerprint,
+    return {"config": config, "world_size": world_size, "cache_fingerprint": cache.fingerprint,
             "student_fingerprint": weights_fingerprint(cfg.student) if Path(cfg.student, "config.json").is_file()
             else None}
 
@@ -382,6 +451,8 @@ def _prepare_run(run: Path, cfg: TrainConfig, identity: dict) -> Path | None:
     for key, what in (("cache_fingerprint", "the cache"), ("student_fingerprint", "the starting student")):
         if saved_identity.get(key) != identity[key]:
             diffs.append(f"{what} ({key} differs)")
+    if saved.get("world_size", 1) != identity["world_size"]:
+        diffs.append(f"world_size: {saved.get('world_size', 1)} -> {identity['world_size']} ranks")
     if diffs:
         raise KdcacheError(f"--resume: {run} was started with another configuration: {'; '.join(diffs)}")
     ckpt = latest_checkpoint(run)
@@ -414,10 +485,34 @@ def _save_checkpoint(run: Path, cfg: TrainConfig, step: int, state: dict) -> Non
         shutil.rmtree(old)
 
 
-def _save_final(run: Path, model, tokenizer) -> None:
+def _state_dicts(model, optimizer, fsdp: bool) -> tuple[dict, dict | None]:
+    """(model, optimizer or None) state dicts to save. FSDP: full (unsharded) tensors on rank 0's CPU, {} on the
+    other ranks; every rank must call it (it gathers)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
+
+
+def _load_state(model, optimizer, state: dict, fsdp: bool) -> None:
+    """Load a checkpoint's full model and optimizer state (FSDP: each rank keeps its shards)."""
+    if not fsdp:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+
+
+def _save_final(run: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """save_pretrained into RUN/final (state_dict: FSDP's gathered full weights)."""
     tmp, final = run / "final.tmp", run / "final"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

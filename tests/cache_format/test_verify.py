@@ -81,7 +81,6 @@ def test_flipped_byte(synthetic_cache):
 
 def test_schema_mismatch_named(tmp_path):
     """A shard with the right checksum in the manifest but another schema (e.g. a v2 shard under a v1 manifest)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from cache_format import file_sha256
 

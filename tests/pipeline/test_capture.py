@@ -34,10 +34,12 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def capture_args(tiny_models, corpus, out, *extra):
+def capture_args(tiny_models, corpus, out, *extra, codec: str | None = "v1"):
+    """The engine and resume tests compare full-precision top-k (codec v1); codec=None: the default (v2)."""
     data = [a for d, p in corpus.items() for a in ("--data", f"{d}={p}")]
     return ["capture", "--teacher", tiny_models["teacher"], *data, "--out", out, "--backend", "hf",
-            "--top-k", 8, "--seq-len", 64, "--val-fraction", 0.1, "--batch-size", 4, "--shard-size-mb", 0.02, *extra]
+            "--top-k", 8, "--seq-len", 64, "--val-fraction", 0.1, "--batch-size", 4, "--shard-size-mb", 0.02,
+            *(("--codec", codec) if codec else ()), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,58 @@ def hf_cache(tiny_models, corpus, tmp_path_factory) -> Path:
     r = kdcache(*capture_args(tiny_models, corpus, out))
     assert r.returncode == 0, r.stderr
     return out
+
+
+def test_default_codec_v2_matches_the_exact_cache_within_its_bounds(hf_cache, tiny_models, corpus, tmp_path):
+    """Default capture (topk-v2, adaptive k) against the v1 capture of the same teacher: same rows, kept ids are a
+    prefix of the exact top-k, log-probs within the quantiser's bound; 2 workers + merge give the same cache."""
+    out = tmp_path / "v2"
+    r = kdcache(*capture_args(tiny_models, corpus, out, codec=None))
+    assert r.returncode == 0, r.stderr
+    verify_cache(out)
+    v2, v1 = open_cache(out), open_cache(hf_cache)
+    assert v2.manifest.codec["name"] == "topk-v2" and v2.manifest.codec["kl_scale"] == 0.015
+    assert v2.manifest.codec["vocab_size"] >= v2.manifest.tokenizer.vocab_size
+    assert sum(s.bytes for s in v2.manifest.shards()) < sum(s.bytes for s in v1.manifest.shards()) / 2
+    for a, b in zip(v2.iter_rows("train"), v1.iter_rows("train")):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        kept = np.isfinite(a["topk_logprobs"])
+        assert kept[:-1, 0].all() and not kept[-1].any()
+        np.testing.assert_array_equal(np.where(kept, a["topk_ids"], 0), np.where(kept, b["topk_ids"], 0))
+        assert np.abs(np.where(kept, a["topk_logprobs"], 0) - np.where(kept, b["topk_logprobs"], 0)).max() <= 0.2
+        assert np.abs(a["target_logprobs"][:-1] - b["target_logprobs"][:-1]).max() <= 0.2
+    for i in range(2):
+        r = kdcache(*capture_args(tiny_models, corpus, tmp_path / f"p{i}", "--num-workers", 2, "--worker-index", i,
+                                  codec=None))
+        assert r.returncode == 0, r.stderr
+    r = kdcache("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    assert shard_digests(tmp_path / "merged") == shard_digests(out)
+
+
+def test_sampled_targets_capture(tiny_models, corpus, tmp_path):
+    """--targets sampled: K = --samples draws per position, log(count / N) summing to 1, the exact target logprob
+    (float16), and the same draws on every run (seeded per row)."""
+    args = capture_args(tiny_models, corpus, tmp_path / "s", "--targets", "sampled", "--samples", 6, codec=None)
+    r = kdcache(*args)
+    assert r.returncode == 0, r.stderr
+    cache = open_cache(tmp_path / "s")
+    assert cache.manifest.top_k == 6 and cache.manifest.codec["targets"] == "sampled"
+    row = next(cache.iter_rows("train", "prose"))
+    counts = np.exp(row["topk_logprobs"][:-1].astype(np.float64)) * 6
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    np.testing.assert_allclose(counts.sum(1), 6, atol=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor(row["input_ids"][None], dtype=torch.long)).logits[0], -1)
+    nxt = torch.tensor(row["input_ids"][1:], dtype=torch.long)
+    np.testing.assert_allclose(row["target_logprobs"][:-1], logp[:-1].gather(-1, nxt[:, None])[:, 0].numpy(),
+                               rtol=2e-3, atol=1e-4)
+    r = kdcache(*args[:args.index("--out") + 1], tmp_path / "s2", *args[args.index("--out") + 2:])
+    assert r.returncode == 0, r.stderr
+    assert shard_digests(tmp_path / "s2") == shard_digests(tmp_path / "s")
+    r = kdcache(*[a if a != "hf" else "vllm" for a in args])
+    assert r.returncode == 1 and "--targets sampled needs" in r.stderr, r.stderr
 
 
 def test_cache_content_matches_a_direct_teacher_forward(hf_cache, tiny_models, corpus):

@@ -180,7 +180,8 @@ def test_nonnegative(seed, V, k_frac, scale, tau, case):
     if tau == "per-position":
         tau = torch.rand(5, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
     out = call(*case, s, ids, lp, tau)
-    assert torch.isfinite(out).all() and (out >= -1e-6).all(), out
+    # float32: with logits up to 30 / tau = 60 nats, the terms' rounding is a few 1e-6 (seen: -1.9e-6)
+    assert torch.isfinite(out).all() and (out >= -1e-5).all(), out
 
 
 @pytest.mark.parametrize("name,params", ALL, ids=ids_of(ALL))

@@ -1,0 +1,125 @@
+"""Where a cache lives: a local path, or a URL of any pyarrow or fsspec filesystem (file://, s3://, gs://, ...).
+
+`resolve(location)` gives (pyarrow filesystem, path inside it). S3 is configured the usual way: credentials from the
+AWS chain (environment, AWS_PROFILE, instance role), the endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+(pyarrow does not read them by itself, so they are passed on as endpoint_override), the region from AWS_REGION /
+AWS_DEFAULT_REGION. AWS_REQUEST_CHECKSUM_CALCULATION defaults to WHEN_REQUIRED: with the SDK's newer default
+(WHEN_SUPPORTED) some S3-compatible stores (SeaweedFS 4.48, measured) keep the client's chunk-signing frames inside
+the stored object. Whatever the setting, `upload` reads every object back and checks its sha256, so such an upload
+is refused, never committed.
+
+Commit rule, as on a local disk: shards first (each verified), manifest.json last. Locally a file is written to a
+tmp name, fsynced and renamed; an object store has no rename but makes an object visible only once its upload
+completed, so an object is written under its final key directly.
+"""
+
+import hashlib
+import os
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .errors import CacheError
+
+CHECKSUM_ENV = "AWS_REQUEST_CHECKSUM_CALCULATION"
+CHUNK = 1 << 22
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URL; CacheError for a URL no filesystem serves."""
+    location = str(location)
+    if "://" not in location:
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    if location.startswith("s3://"):
+        return _s3(location)
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    try:
+        import fsspec
+        fs, path = fsspec.core.url_to_fs(location)
+    except (ImportError, ValueError) as e:
+        raise CacheError(f"{location}: no filesystem for this URL ({e})") from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _s3(url: str) -> tuple[pafs.FileSystem, str]:
+    os.environ.setdefault(CHECKSUM_ENV, "WHEN_REQUIRED")       # read by the AWS SDK when the client is made
+    options = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    parsed = urlparse(url)
+    return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def join(path: str, rel: str) -> str:
+    return f"{path.rstrip('/')}/{rel}"
+
+
+def size(fs: pafs.FileSystem, path: str) -> int | None:
+    """The file's size in bytes, None if there is no such file."""
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def is_empty_dir(fs: pafs.FileSystem, path: str) -> bool:
+    """True if nothing exists under `path` (a prefix on an object store)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    return info.type == pafs.FileType.Directory and not fs.get_file_info(pafs.FileSelector(path, recursive=False))
+
+
+def sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write a whole file atomically (local: tmp + fsync + rename; object store: one upload)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = path + ".tmp"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str, digest: str, where: str) -> None:
+    """Copy one file and read the copy back: CacheError naming `where` (and nothing left under dst) unless its
+    sha256 is `digest`. Local: through a tmp file renamed once verified."""
+    local = isinstance(dst_fs, pafs.LocalFileSystem)
+    target = dst + ".tmp" if local else dst
+    if local:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(target) as fout:
+        while block := fin.read(CHUNK):
+            fout.write(block)
+    got = sha256(dst_fs, target)
+    if got != digest:
+        dst_fs.delete_file(target)
+        raise CacheError(f"{where}: the copy's sha256 is {got[:12]}..., the manifest's {digest[:12]}... (a corrupt "
+                         f"source, or bytes altered on the way: on S3-compatible stores set "
+                         f"{CHECKSUM_ENV}=WHEN_REQUIRED); not committed")
+    if local:
+        os.replace(target, dst)

@@ -1,0 +1,372 @@
+"""Cache size and fidelity per codec setting, and reader speed (docs/benchmarks.md, "Cache size and fidelity").
+
+    python scripts/bench_cache.py [--tokens 16384] [--teachers ref,4k,4k-in-150k,150k] [--work build/bench-cache]
+
+For each teacher, rows of its corpus go through the teacher once (HF, float32, full log_softmax); every setting
+then encodes the same positions into a real Parquet shard (cache_format.ShardWriter, zstd level 3) and decodes it:
+    bytes/token  shard size on disk / tokens (input ids, targets, everything)
+    KL           mean over positions of KL(full teacher || decoded cache), the decoded tail mass spread uniformly
+                 over the ids not stored (the decoded tail of topk-v2 is the stored tail mass)
+Settings: exact top-k at full precision (topk-v1: int32 + float32; k = 16, 32, 64, 128), topk-v2 (quantisation only,
+--kl-budget, --top-p), sampled targets (bytes only: their fidelity is statistical, see tests/trainer), and a
+DistillKit-like layout (bf16 logprobs, ids bit-packed to ceil(log2 V) bits, zstd) as the reference.
+Teachers:
+    ref   the reference teacher of scripts/train_reference_teacher.py (vocab 1024, trained on the structured
+          4-domain corpus) from build/bench-quality/{teacher,corpus}; rows from the end of each corpus file
+    4k    a tiny Llama (d=128, 2 layers) trained 800 steps on Python standard-library sources with a 4096-token BPE
+    4k-in-150k  the 4k teacher embedded in a 151936-id vocabulary (its ids moved by a fixed random permutation,
+          the other ids at probability 0): realistic distributions with real-size id statistics
+    150k  the same as 4k with vocab 151936 (a BPE trained to at most that size, the output layer padded to 151936),
+          only 60 steps (CPU time): under-trained, its distributions are flatter than a real model's
+The 4k and 150k teachers are built by this script when missing (build_code_teacher, minutes on CPU).
+Reader speed (ref and 4k): the default setting's shard, rows of 1024 tokens replicated to --speed-tokens tokens,
+read + decoded on one thread (process CPU time), also topk-v1 for comparison. Prints a table, writes
+docs/cache_size_fidelity.png and build/bench-cache/results.json, and a final JSON line.
+"""
+
+import argparse
+import json
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SEQ_LEN = 128
+
+
+def stdlib_texts(max_bytes: int, skip_bytes: int = 0) -> list[str]:
+    """Python standard-library sources (sorted paths, deterministic): real code and English docstrings."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, seen = [], 0
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in path.parts[-2] or path.name.startswith("test"):
+            continue
+        text = path.read_text(errors="replace")
+        seen += len(text)
+        if seen <= skip_bytes:
+            continue
+        texts.append(text)
+        if seen >= skip_bytes + max_bytes:
+            break
+    return texts
+
+
+def build_code_teacher(out: Path, vocab: int, model_vocab: int, steps: int, batch_size: int, seq_len: int = 128,
+                       hidden: int = 128, layers: int = 2, threads: int = 1) -> dict:
+    """A tiny Llama trained `steps` steps on stdlib sources with a byte-level BPE of up to `vocab` tokens; its
+    output layer has `model_vocab` rows (>= the tokenizer's, like a padded real-model vocabulary)."""
+    import torch
+    from train_reference_teacher import EOS, build_tokenizer, llama_config, lr_at, pack
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    texts = stdlib_texts(6 << 20)
+    tok = build_tokenizer(texts, out, vocab)
+    rows = pack(tok, texts, seq_len)                                       # (R, seq_len)
+    model = LlamaForCausalLM(llama_config(max(model_vocab, len(tok)), hidden, layers, tok.convert_tokens_to_ids(EOS)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, 3e-3, max(1, steps // 20), steps)
+        x = torch.from_numpy(rows[rng.integers(0, len(rows), batch_size)])
+        logits = model(input_ids=x).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  [{out.name}] step {step}/{steps} loss {loss.item():.3f} {time.perf_counter() - t0:.0f}s",
+                  flush=True)
+    model.save_pretrained(out)
+    info = {"tokenizer_vocab": len(tok), "model_vocab": model.config.vocab_size, "steps": steps,
+            "final_loss": round(loss.item(), 3), "train_seconds": round(time.perf_counter() - t0, 1)}
+    (out / "bench_teacher.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def corpus_rows(teacher: Path, which: str, tokens: int) -> np.ndarray:
+    """(R, SEQ_LEN) token rows the teacher has not trained on."""
+    from train_reference_teacher import pack
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    if which == "ref":
+        corpus = ROOT / "build/bench-quality/corpus"
+        per = tokens // 4
+        rows = []
+        for f in sorted(corpus.glob("*.jsonl")):
+            texts = [json.loads(line)["text"] for line in f.read_text().splitlines()][-400:]
+            rows.append(pack(tok, texts, SEQ_LEN)[: max(1, per // SEQ_LEN)])
+        return np.concatenate(rows)
+    return pack(tok, stdlib_texts(2 << 20, skip_bytes=6 << 20), SEQ_LEN)[: max(1, tokens // SEQ_LEN)]
+
+
+def teacher_pass(teacher: Path, rows: np.ndarray, samples: int, batch: int = 8) -> dict:
+    """Per position with a distribution (P = R * (SEQ_LEN-1)): sum p log p, the top-128 (ids, logprobs), the
+    actual token's logprob, and `samples` draws (the sampled codec's input: ids sorted by count, log(c/N))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.teachers import sample_targets
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    out = {k: [] for k in ("negent", "ids", "lp", "target", "s_ids", "s_lp")}
+    with torch.inference_mode():
+        for b in range(0, len(rows), batch):
+            x = torch.from_numpy(rows[b:b + batch])
+            lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1).flatten(0, 1)   # (P_b, V)
+            out["negent"].append((lp.exp() * lp).sum(-1))
+            v, i = lp.topk(128, -1)
+            out["lp"].append(v)
+            out["ids"].append(i)
+            out["target"].append(lp.gather(-1, x[:, 1:].reshape(-1, 1))[:, 0])
+            s_ids, s_lp = sample_targets(lp, samples, gen)                                    # (P_b, N)
+            out["s_ids"].append(s_ids)
+            out["s_lp"].append(s_lp)
+    res = {k: np.concatenate([np.asarray(a) for a in v]) for k, v in out.items()}
+    res["vocab"] = model.config.vocab_size
+    return res
+
+
+def as_rows(t: dict, rows: np.ndarray, ids: np.ndarray, lp: np.ndarray) -> list[dict]:
+    """Per-position (P, K) arrays -> cache rows of SEQ_LEN positions (the last one empty)."""
+    K, L = ids.shape[1], SEQ_LEN - 1
+    out = []
+    for r in range(len(rows)):
+        sl = slice(r * L, (r + 1) * L)
+        out.append({"row_index": r, "domain": "bench", "input_ids": rows[r].astype(np.int32),
+                    "topk_ids": np.concatenate([ids[sl], np.zeros((1, K), np.int32)]).astype(np.int32),
+                    "topk_logprobs": np.concatenate([lp[sl], np.full((1, K), -np.inf, np.float32)]),
+                    "target_logprobs": np.append(t["target"][sl], np.float32(np.nan)).astype(np.float32)})
+    return out
+
+
+def write_read(codec, rows: list[dict], path: Path, level: int = 3) -> tuple[int, list[dict]]:
+    """Encode into a real shard, read it back through pyarrow + the codec: (bytes on disk, decoded rows)."""
+    import pyarrow.parquet as pq
+
+    from cache_format import ShardWriter
+
+    w = ShardWriter(path.parent, path.name, codec, row_group_rows=64, compression_level=level)
+    for r in rows:
+        w.write(r)
+    info = w.close()
+    pf = pq.ParquetFile(path)
+    return info.bytes, [d for g in range(pf.num_row_groups) for d in codec.decode(pf.read_row_group(g), str(path))]
+
+
+def mean_kl(t: dict, decoded: list[dict]) -> float:
+    """Mean KL(full || decoded) over positions; decoded ids must be a prefix of the teacher's top-128 in order."""
+    ids = np.concatenate([d["topk_ids"][:-1] for d in decoded])                 # (P, K)
+    dlp = np.concatenate([d["topk_logprobs"][:-1] for d in decoded]).astype(np.float64)
+    K = ids.shape[1]
+    valid = np.isfinite(dlp)
+    assert (np.where(valid, ids == t["ids"][:, :K], True)).all(), "decoded ids are not the top-k prefix"
+    p = np.where(valid, np.exp(t["lp"][:, :K].astype(np.float64)), 0.0)         # (P, K) true probs
+    tail_true = np.clip(1.0 - p.sum(1), 0.0, None)
+    tail_dec = np.clip(1.0 - np.exp(dlp).sum(1), 1e-30, None)
+    cross = np.where(valid, p * np.where(valid, dlp, 0.0), 0.0).sum(1) \
+        + tail_true * np.log(tail_dec / (t["vocab"] - valid.sum(1)))
+    return float(np.mean(t["negent"] - cross))
+
+
+def distillkit_like(t: dict, rows: np.ndarray, k: int, path: Path) -> tuple[int, float]:
+    """bf16 logprobs + ids bit-packed to ceil(log2 V) bits per row, zstd Parquet; the tail spread uniformly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    V, L = t["vocab"], SEQ_LEN - 1
+    bits = max(1, math.ceil(math.log2(V)))
+    lp32 = t["lp"][:, :k].astype(np.float32)
+    bf16 = (lp32.view(np.uint32) + 0x8000 >> 16).astype(np.uint16)               # round to nearest bf16
+    ids_bits = np.unpackbits(t["ids"][:, :k].astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)[:, 32 - bits:]
+    per_row = lambda a, n: [a[r * n:(r + 1) * n] for r in range(len(rows))]  # noqa
+    table = pa.table({"input_ids": pa.array(list(rows.astype(np.int32))),
+                      "ids": pa.array([np.packbits(x).tobytes() for x in per_row(ids_bits.reshape(-1, k * bits), L)],
+                                      pa.binary()),
+                      "logprobs": pa.array([x.tobytes() for x in per_row(bf16, L)], pa.binary())})
+    pq.write_table(table, path, compression="zstd", compression_level=3)
+    dlp = (bf16.astype(np.uint32) << 16).view(np.float32)
+    rows_dec = [{"topk_ids": np.concatenate([t["ids"][r * L:(r + 1) * L, :k], np.zeros((1, k), np.int64)]),
+                 "topk_logprobs": np.concatenate([dlp[r * L:(r + 1) * L], np.full((1, k), -np.inf)])}
+                for r in range(len(rows))]
+    return path.stat().st_size, mean_kl(t, rows_dec)
+
+
+def reader_speed(codec, rows: list[dict], path: Path, tokens: int, join: int = 8) -> float:
+    """Decoded tokens/s (process CPU time, one thread, best of 3) over a shard of `tokens` tokens: Parquet read +
+    decode into (T, K) arrays. Every `join` bench rows are concatenated into one row (T = 1016 + 8: rows as long
+    as capture's default --seq-len 1024), 64 rows per row group as capture writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache_format import ShardWriter
+
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    keys = ("input_ids", "topk_ids", "topk_logprobs", "target_logprobs")
+    long_rows = [{"domain": "bench", **{k: np.concatenate([r[k] for r in rows[i:i + join]]) for k in keys}}
+                 for i in range(0, len(rows) - join + 1, join)]
+    reps = max(1, tokens // sum(len(r["input_ids"]) for r in long_rows))
+    w = ShardWriter(path.parent, path.name, codec, row_group_rows=64)
+    for i in range(reps * len(long_rows)):
+        w.write({**long_rows[i % len(long_rows)], "row_index": i})
+    w.close()
+    best = math.inf
+    for _ in range(3):
+        t0, n = time.process_time(), 0
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            for d in codec.decode(pf.read_row_group(g, use_threads=False), str(path)):
+                n += d["topk_ids"].shape[0]
+        best = min(best, time.process_time() - t0)
+    return n / best
+
+
+def scatter_vocab(t: dict, rows: np.ndarray, vocab: int) -> tuple[dict, np.ndarray]:
+    """The same teacher embedded in a `vocab`-id vocabulary: its ids moved by a fixed random permutation, the
+    added ids with probability 0 (realistic distributions, real-size id statistics)."""
+    perm = np.random.default_rng(0).permutation(vocab)[:t["vocab"]].astype(np.int32)
+    return {**t, "ids": perm[t["ids"]], "s_ids": perm[t["s_ids"]], "vocab": vocab}, perm[rows]
+
+
+def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_tokens: int,
+                  scatter_to: int | None = None) -> dict:
+    from cache_format import TopkV1, TopkV2
+    from pipeline.capture import DEFAULT_KL_SCALE as S
+
+    rows = corpus_rows(teacher, name.split("-")[0], tokens)
+    t0 = time.perf_counter()
+    t = teacher_pass(teacher, rows, samples=50)
+    if scatter_to:
+        t, rows = scatter_vocab(t, rows, scatter_to)
+    V, n_tok = t["vocab"], rows.size
+    print(f"[{name}] vocab {V}, {n_tok} tokens, teacher pass {time.perf_counter() - t0:.0f}s; "
+          f"exact top-1 mass {np.exp(t['lp'][:, 0]).mean():.3f}", flush=True)
+    d = work / name
+    d.mkdir(parents=True, exist_ok=True)
+    results = []
+
+    def run(label: str, kind: str, codec, k: int, level: int = 3, **extra):
+        ids, lp = (t["s_ids"], t["s_lp"]) if kind == "sampled" else (t["ids"][:, :k], t["lp"][:, :k])
+        size, dec = write_read(codec, as_rows(t, rows, ids.astype(np.int32), lp), d / f"{label}.parquet", level)
+        kl = None if kind == "sampled" else mean_kl(t, dec)
+        kept = float(np.mean([np.isfinite(x["topk_logprobs"][:-1]).sum(1).mean() for x in dec]))
+        results.append({"setting": label, "kind": kind, "k": k, "bytes_per_token": size / n_tok, "kl": kl,
+                        "mean_kept": kept, **extra})
+        print(f"  {label:<28} {size / n_tok:8.1f} B/token  KL {kl if kl is None else f'{kl:.5f}'}  "
+              f"kept {kept:.1f}", flush=True)
+
+    for k in (16, 32, 64, 128):
+        run(f"exact-top{k}", "exact", TopkV1(top_k=k), k)
+    for k in (16, 32, 64, 128):
+        run(f"v2-top{k}", "v2", TopkV2(top_k=k, vocab_size=V), k)
+    for b in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+        run(f"v2-top64-kl{b:g}", "v2", TopkV2(top_k=64, vocab_size=V, kl_budget=b), 64, kl_budget=b)
+    for p in (0.99, 0.999):
+        run(f"v2-top64-p{p:g}", "v2", TopkV2(top_k=64, vocab_size=V, top_p=p), 64, top_p=p)
+    for c in (0.005, S, 0.05):
+        run(f"v2-top64-scale{c:g}", "v2", TopkV2(top_k=64, vocab_size=V, kl_scale=c), 64, kl_scale=c)
+    for c in (S, 0.05, 0.15):
+        run(f"v2-top128-scale{c:g}", "v2", TopkV2(top_k=128, vocab_size=V, kl_scale=c), 128, kl_scale=c)
+    run("v2-top128-kl0.001", "v2", TopkV2(top_k=128, vocab_size=V, kl_budget=1e-3), 128, kl_budget=1e-3)
+    run(f"v2-top64-scale{S:g}-zstd19", "v2", TopkV2(top_k=64, vocab_size=V, kl_scale=S), 64, level=19, kl_scale=S,
+        zstd_level=19)
+    run("v2-sampled50", "sampled", TopkV2(top_k=50, vocab_size=V, targets="sampled", samples=50), 50, samples=50)
+    for k in (50, 64, 128):
+        size, kl = distillkit_like(t, rows, k, d / f"distillkit-{k}.parquet")
+        results.append({"setting": f"distillkit-like-{k}", "kind": "distillkit", "k": k,
+                        "bytes_per_token": size / n_tok, "kl": kl, "mean_kept": k})
+        print(f"  {'distillkit-like-' + str(k):<28} {size / n_tok:8.1f} B/token  KL {kl:.5f}", flush=True)
+    exact64 = next(r["kl"] for r in results if r["setting"] == "exact-top64")
+    default = next(r for r in results if r["setting"] == f"v2-top64-scale{S:g}")
+    out = {"teacher": name, "vocab": V, "tokens": n_tok, "results": results,
+           "default": {"bytes_per_token": default["bytes_per_token"], "kl": default["kl"],
+                       "kl_ratio_vs_exact64": default["kl"] / exact64}}
+    if speed_tokens:
+        v2rows = as_rows(t, rows, t["ids"][:, :64].astype(np.int32), t["lp"][:, :64])
+        out["reader_tokens_per_s"] = {
+            "topk-v2 default (k<=64)": reader_speed(TopkV2(top_k=64, vocab_size=V, kl_scale=S), v2rows,
+                                                    d / "speed-v2.parquet", speed_tokens),
+            "topk-v2 top64 (no rule)": reader_speed(TopkV2(top_k=64, vocab_size=V), v2rows,
+                                                    d / "speed-v2-full.parquet", speed_tokens),
+            "topk-v1 top64": reader_speed(TopkV1(top_k=64), v2rows, d / "speed-v1.parquet", speed_tokens)}
+        print(f"  reader: {json.dumps({k: round(v) for k, v in out['reader_tokens_per_s'].items()})}", flush=True)
+    return out
+
+
+def plot(all_results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 2
+    rows = -(-len(all_results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.8 * rows), squeeze=False)
+    for ax, res in zip(axes.ravel(), all_results):
+        for kind, style in (("exact", "o-"), ("v2", "s"), ("distillkit", "^")):
+            pts = [(r["bytes_per_token"], r["kl"]) for r in res["results"] if r["kind"] == kind and r["kl"]]
+            if pts:
+                x, y = zip(*sorted(pts))
+                ax.plot(x, y, style, label={"exact": "exact top-k 16/32/64/128 (int32 + fp32)",
+                                             "v2": "topk-v2 settings", "distillkit": "DistillKit-like (bf16)"}[kind])
+        exact64 = next(r["kl"] for r in res["results"] if r["setting"] == "exact-top64")
+        ax.axhline(1.05 * exact64, color="grey", ls="--", lw=0.8, label="1.05 x exact top-64")
+        d = res["default"]
+        ax.plot([d["bytes_per_token"]], [d["kl"]], "r*", ms=14, label="topk-v2 default (--top-k 64)")
+        ax.set(xscale="log", yscale="log", xlabel="bytes / token on disk", ylabel="mean KL(teacher || cache), nats",
+               title=f"{res['teacher']} teacher, vocab {res['vocab']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(all_results):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", default="ref,4k,4k-in-150k,150k")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per teacher (150k: a quarter)")
+    p.add_argument("--speed-tokens", type=int, default=262144)
+    p.add_argument("--work", default=str(ROOT / "build/bench-cache"))
+    p.add_argument("--plot", default=str(ROOT / "docs/cache_size_fidelity.png"))
+    args = p.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    teachers = {"ref": (ROOT / "build/bench-quality/teacher", None, None),
+                "4k": (work / "teacher-4k", (4096, 4096, 800, 16), None),
+                "4k-in-150k": (work / "teacher-4k", (4096, 4096, 800, 16), 151936),
+                "150k": (work / "teacher-150k", (151936, 151936, 60, 4), None)}
+    all_results = []
+    for name in args.teachers.split(","):
+        path, build, scatter_to = teachers[name]
+        if not (path / "config.json").exists():
+            if build is None:
+                sys.exit(f"{path}: missing; run scripts/train_reference_teacher.py --out build/bench-quality")
+            build_code_teacher(path, *build)
+        tokens = args.tokens // 4 if name == "150k" else args.tokens
+        speed = args.speed_tokens if name in ("ref", "4k") else 0
+        all_results.append(bench_teacher(name, path, work, tokens, speed, scatter_to))
+    plot(all_results, Path(args.plot))
+    (work / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
+    print(json.dumps({"bench": "cache", "teachers": {r["teacher"]: {"vocab": r["vocab"], **r["default"],
+                      **({"reader_tokens_per_s": r["reader_tokens_per_s"]} if "reader_tokens_per_s" in r else {})}
+                      for r in all_results}}))
+
+
+if __name__ == "__main__":
+    main()

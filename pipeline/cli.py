@@ -155,6 +155,20 @@ def inspect(cache: str, as_json: bool) -> None:
     click.echo(f"{'total':<23} {tot['rows']:>8} {tot['tokens']:>12} {tot['bytes']:>12} {tot['bytes_per_token']:>8.1f}")
 
 
+def option_args(options: dict) -> list[str]:
+    """{config field: value} -> the command line's options (True -> --flag, False -> --no-flag, None -> omitted)."""
+    out = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False:
+            out.append("--no-" + k.replace("_", "-"))
+        elif v is not None:
+            out += [flag, str(v)]
+    return out
+
+
 def cache_summary(path: str) -> dict:
     m = open_cache(path).manifest
     per_token = lambda b, t: round(b / t, 2) if t else 0.0  # noqa: E731

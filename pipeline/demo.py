@@ -22,6 +22,7 @@ import torch
 from cache_format import KdcacheError, verify_cache
 
 from .capture import CaptureConfig, run_capture
+from .cli import cache_summary, option_args
 from .corpus import DataSpec
 from .profile import format_profile_table, run_profile
 
@@ -101,7 +102,6 @@ def _run_stages(cfg: DemoConfig) -> Path:
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
 
     # 2. inspect + verify
-    from .cli import cache_summary
     stage(2, "inspect + verify")
     summary = cache_summary(str(cache))
     checked = timed("verify", lambda: verify_cache(cache))
@@ -126,7 +126,7 @@ def _run_stages(cfg: DemoConfig) -> Path:
     evals = {}
     for i, (name, options) in enumerate(METHODS.items(), 1):
         run = root / "runs" / _slug(name)
-        stage(5, f"train {name} ({i}/{len(METHODS)}): {cfg.steps} steps, {_options_text(options)} -> {run}")
+        stage(5, f"train {name} ({i}/{len(METHODS)}): {cfg.steps} steps, {' '.join(option_args(options))} -> {run}")
         evals[name] = timed(name, lambda: _train(TrainConfig(**base, **options, student=str(student), out=str(run))))
 
     # 6. report + plots
@@ -158,10 +158,6 @@ def _train(cfg) -> dict:
 
 def _slug(name: str) -> str:
     return name.lower().replace("+", "-")
-
-
-def _options_text(options: dict) -> str:
-    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -223,7 +219,7 @@ def _report(cfg: DemoConfig, summary: dict, nbytes: int, capture: dict, seconds:
         f"kdcache profile --cache {cfg.out}/cache --student {cfg.out}/runs/student-warmup/final "
         f"--out {cfg.out}/profile.json",
         *(f"kdcache train --cache {cfg.out}/cache --student {cfg.out}/runs/student-warmup/final "
-          f"{_options_text(o)} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} "
+          f"{' '.join(option_args(o))} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} "
           f"--out {cfg.out}/runs/{_slug(n)}" for n, o in METHODS.items()),
         "```", "",
         "## The cache", "",

@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.cli import option_args  # noqa: E402
+
 DOMAINS = ("code", "data", "prose", "arith")
 
 # name: `kdcache train` options (TrainConfig field names; True = a flag). One line per method.
@@ -56,20 +58,6 @@ def log(msg: str) -> None:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
-
-
-def cli_args(options: dict) -> list[str]:
-    """{field: value} -> kdcache CLI options (True -> --flag, False -> --no-flag)."""
-    out = []
-    for k, v in options.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False:
-            out.append("--no-" + k.replace("_", "-"))
-        elif v is not None:
-            out += [flag, str(v)]
-    return out
 
 
 def env_for(threads: int) -> dict:
@@ -246,8 +234,8 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         run.parent.mkdir(parents=True, exist_ok=True)
         cmd = [py, "-m", "pipeline", "train", "--cache", str(cache), "--student", str(student), "--out", str(run),
-               *cli_args(opts)]
-        log(f"[train] {name} (seed {seed}): kdcache train {' '.join(cli_args(options))}")
+               *option_args(opts)]
+        log(f"[train] {name} (seed {seed}): kdcache train {' '.join(option_args(options))}")
 
         def progress(s):
             recs = read_metrics(run)

@@ -13,9 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,9 +39,10 @@ log = logging.getLogger("kdcache")
 CONFIG_NAME = "capture_config.json"
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
+WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
 DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
 # options that change no byte of the cache: a re-run may change them freely
-RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size")
+RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output")
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class CaptureConfig:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1       # vLLM: GPUs that split each layer (one node)
     pipeline_parallel_size: int = 1     # vLLM: stages the layers are split into (GPUs or nodes)
+    vllm_output: str = "auto"           # vLLM: "hidden" states out (head + top-k here), "logprobs", "auto"
 
     def __post_init__(self):
         checks = [
@@ -85,6 +92,8 @@ class CaptureConfig:
             (len({d.domain for d in self.data}) == len(self.data), "a domain is given twice in --data"),
             (self.codec in ("v1", "v2"), f"--codec must be v1 or v2, got {self.codec!r}"),
             (self.targets in ("topk", "sampled"), f"--targets must be topk or sampled, got {self.targets!r}"),
+            (self.vllm_output in ("auto", "hidden", "logprobs"),
+             f"--vllm-output must be auto, hidden or logprobs, got {self.vllm_output!r}"),
             (self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.kl_budget is None or self.kl_budget >= 0, f"--kl-budget must be >= 0, got {self.kl_budget}"),
             (self.kl_scale is None or self.kl_scale >= 0, f"--kl-scale must be >= 0, got {self.kl_scale}"),
@@ -201,8 +210,9 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
                     teacher_tokens += info.tokens
                 shards[(split, spec.domain)].append(info)
 
-            for split, _, row in iter_split_rows(spec, tokenizer, cfg.seq_len, cfg.split_seed, cfg.val_fraction,
-                                                 cfg.text_field, cfg.max_tokens_per_domain):
+            for split, _, row in _prefetched(iter_split_rows(spec, tokenizer, cfg.seq_len, cfg.split_seed,
+                                                             cfg.val_fraction, cfg.text_field,
+                                                             cfg.max_tokens_per_domain), 4 * cfg.batch_size):
                 pending[split].append(row)
                 if len(pending[split]) == R:
                     finish(split)
@@ -245,20 +255,32 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
 
 def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, domain: str, teacher,
                    cfg: CaptureConfig, codec: TopkV1 | TopkV2, bar: tqdm) -> ShardInfo:
-    """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard."""
+    """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard. A writer
+    thread encodes and writes each batch while the engine runs the next ones (at most WRITE_AHEAD waiting)."""
     writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows)
+
+    def write(first: int, batch: list[np.ndarray], results) -> None:
+        for i, (row, (ids, lps, target)) in enumerate(zip(batch, results.rows())):
+            writer.write({"row_index": first + i, "domain": domain, "input_ids": row,
+                          "topk_ids": ids, "topk_logprobs": lps, "target_logprobs": target})
+        bar.update(sum(len(r) for r in batch))
+
     try:
-        for b in range(0, len(rows), cfg.batch_size):
-            batch = rows[b:b + cfg.batch_size]
-            if cfg.targets == "sampled":       # per-row seeds: the same draws on any worker and after a resume
-                seeds = [zlib.crc32(f"{cfg.split_seed}:{rel}:{first_row + b + i}".encode()) for i in range(len(batch))]
-                results = teacher.sample(batch, cfg.samples, seeds)
-            else:
-                results = teacher.topk(batch, cfg.top_k)
-            for i, (row, (ids, lps, target)) in enumerate(zip(batch, results)):
-                writer.write({"row_index": first_row + b + i, "domain": domain, "input_ids": row,
-                              "topk_ids": ids, "topk_logprobs": lps, "target_logprobs": target})
-            bar.update(sum(len(r) for r in batch))
+        with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as pool:
+            waiting: deque[Future] = deque()
+            for b in range(0, len(rows), cfg.batch_size):
+                batch = rows[b:b + cfg.batch_size]
+                if cfg.targets == "sampled":   # per-row seeds: the same draws on any worker and after a resume
+                    seeds = [zlib.crc32(f"{cfg.split_seed}:{rel}:{first_row + b + i}".encode())
+                             for i in range(len(batch))]
+                    results = teacher.sample(batch, cfg.samples, seeds)
+                else:
+                    results = teacher.topk(batch, cfg.top_k)
+                waiting.append(pool.submit(write, first_row + b, batch, results))
+                while waiting and (len(waiting) > WRITE_AHEAD or waiting[0].done()):
+                    waiting.popleft().result()                         # re-raises a writer error here
+            for f in waiting:
+                f.result()
         info = writer.close()
     except BaseException:
         writer.abort()
@@ -267,6 +289,29 @@ def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, 
     record.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(record, asdict(info))
     return info
+
+
+def _prefetched(items: Iterator, ahead: int) -> Iterator:
+    """items, produced by a background thread up to `ahead` in advance (tokenisation overlaps the engine)."""
+    q: queue.Queue = queue.Queue(ahead)
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put((item, None))
+            q.put((end, None))
+        except BaseException as e:                                     # handed to the consumer, raised there
+            q.put((end, e))
+
+    threading.Thread(target=produce, name="kdcache-tokenizer", daemon=True).start()
+    while True:
+        item, error = q.get()
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
 
 
 def _finished_shard(out: Path, rel: str) -> ShardInfo | None:
@@ -290,7 +335,7 @@ def _engine_options(cfg: CaptureConfig) -> dict:
     if cfg.backend != "vllm":
         return {}
     return {"gpu_memory_utilization": cfg.gpu_memory_utilization, "tensor_parallel_size": cfg.tensor_parallel_size,
-            "pipeline_parallel_size": cfg.pipeline_parallel_size}
+            "pipeline_parallel_size": cfg.pipeline_parallel_size, "output": cfg.vllm_output}
 
 
 def _check_or_write_identity(out: Path, identity: dict) -> None:

@@ -73,7 +73,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--worker-index", type=int, default=0, show_default=True)
 @click.option("--shard-size-mb", type=float, default=256.0, show_default=True, help="Target shard size.")
 @click.option("--gpu-memory-utilization", type=float, default=None,
-              help="vLLM: share of GPU memory (on CPU: of host RAM) for the engine. Default 0.9 GPU, 0.25 CPU.")
+              help="vLLM: share of GPU memory (on CPU: of host RAM) for the engine. Default 0.85 GPU, 0.25 CPU.")
+@click.option("--vllm-output", type=click.Choice(["auto", "hidden", "logprobs"]), default="auto", show_default=True,
+              help="vLLM: hidden = final hidden states out, head and top-k run by kdcache (Llama, Mistral, Qwen2/3); "
+                   "logprobs = vLLM's prompt_logprobs (any model, slower); auto = hidden where it can.")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
               help="vLLM: GPUs that split each layer of the teacher (within a node).")
 @click.option("--pipeline-parallel-size", type=int, default=1, show_default=True,

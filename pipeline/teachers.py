@@ -1,6 +1,7 @@
 """Teacher engines: token rows in, the teacher's top-k per position out. The only module that imports vllm.
 
-Both engines return, per row of T tokens (position t = distribution over token t+1; the last position holds none):
+An engine's topk(rows, k) returns results whose rows() gives per row of T tokens (position t = distribution over
+token t+1; the last position holds none):
     topk_ids (T, K) int32, sorted by descending logprob      topk_logprobs (T, K) float32, -inf at T-1
     target_logprobs (T,) float32: log p of the actual next token, NaN at T-1
 Log-probabilities are log_softmax of the raw logits at temperature 1 (vLLM's `raw_logprobs`).
@@ -9,6 +10,7 @@ Log-probabilities are log_softmax of the raw logits at temperature 1 (vLLM's `ra
 import gc
 import json
 import logging
+import math
 import os
 from importlib import metadata
 from pathlib import Path
@@ -42,16 +44,69 @@ def _with_last_position(ids: np.ndarray, logprobs: np.ndarray, target: np.ndarra
             np.append(target.astype(np.float32), np.float32(np.nan)))                            # (T,)
 
 
-def _rows_from_logprobs(logprobs: torch.Tensor, rows: list[np.ndarray], k: int) -> list[TopkRow]:
-    """(B, T, V) float32 log-probs of right-padded rows -> per-row top-k arrays (see module docstring)."""
-    out = []
-    for b, ids in enumerate(rows):
-        lp = logprobs[b, : len(ids) - 1]                                   # (T-1, V)
-        values, indices = lp.topk(k, dim=-1)                               # (T-1, K), sorted
-        nxt = torch.as_tensor(ids[1:], dtype=torch.long, device=lp.device)
-        target = lp.gather(-1, nxt[:, None])[:, 0]                         # (T-1,)
-        out.append(_with_last_position(indices.cpu().numpy(), values.cpu().numpy(), target.cpu().numpy()))
-    return out
+class PendingRows:
+    """One engine call's results for all positions of its rows, flat: ids (N, K), logprobs (N, K), target (N,),
+    N = sum(len(row) - 1). On CUDA the copies to the host are issued asynchronously into pinned memory and waited
+    for only in rows(), which capture calls from its writer thread: the engine goes on with the next batch."""
+
+    def __init__(self, ids, logprobs, target, lengths: list[int]):
+        self.lengths = lengths
+        self._event = None
+        if isinstance(ids, torch.Tensor) and ids.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (ids, logprobs, target)]
+            for h, t in zip(host, (ids, logprobs, target)):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            ids, logprobs, target = host
+        self._arrays = (ids, logprobs, target)
+
+    def rows(self) -> list[TopkRow]:
+        if self._event is not None:
+            self._event.synchronize()
+        ids, logprobs, target = (np.asarray(a) for a in self._arrays)
+        bounds = np.cumsum([n - 1 for n in self.lengths])[:-1]
+        return [_with_last_position(*parts) for parts in
+                zip(np.split(ids, bounds), np.split(logprobs, bounds), np.split(target, bounds))]
+
+
+def block_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) over the last dim of x (N, V), sorted; the same values (ties may pick other ids). For a wide
+    x it first keeps the k blocks of b columns with the largest maxima, which hold the top-k (a value outside them
+    has k block maxima above it), then selects among those k*b candidates: about 2x faster at V = 150k on CPU."""
+    N, V = x.shape
+    b = 2 ** round(math.log2(math.sqrt(V / k))) if V >= 16 * k else 1
+    if b < 4:
+        return x.topk(k, dim=-1)
+    nb = V // b
+    blocks = x[:, : nb * b].reshape(N, nb, b)                              # (N, nb, b)
+    _, top_blocks = blocks.amax(-1).topk(k, dim=-1, sorted=False)          # (N, k)
+    candidates = blocks.gather(1, top_blocks[:, :, None].expand(-1, -1, b)).reshape(N, k * b)
+    candidate_ids = (top_blocks[:, :, None] * b + torch.arange(b, device=x.device)).reshape(N, k * b)
+    if nb * b < V:                                                         # the tail columns are always candidates
+        candidates = torch.cat([candidates, x[:, nb * b:]], dim=1)
+        candidate_ids = torch.cat([candidate_ids, torch.arange(nb * b, V, device=x.device).expand(N, -1)], dim=1)
+    values, picked = candidates.topk(k, dim=-1)                            # (N, K)
+    return values, candidate_ids.gather(1, picked)
+
+
+def topk_logprobs(logits_of, next_ids: torch.Tensor, vocab: int, k: int, chunk_elements: int = 1 << 22):
+    """The cache's arrays for N positions: logits_of(slice) gives their logits (rows of (N, V), any float dtype),
+    next_ids (N,) the actual next tokens -> ids (N, K) int32 by descending logprob, logprobs (N, K) float32,
+    target (N,) float32 = log p(next_ids). log_softmax (float32) and top-k run chunk by chunk of about
+    chunk_elements logits on the logits' device, so no (N, V) float32 tensor is ever held."""
+    n, device = len(next_ids), next_ids.device
+    ids = torch.empty(n, k, dtype=torch.int32, device=device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
+    target = torch.empty(n, dtype=torch.float32, device=device)
+    step = max(1, chunk_elements // vocab)
+    for start in range(0, n, step):
+        sl = slice(start, min(n, start + step))
+        lp = torch.log_softmax(logits_of(sl).float(), dim=-1)              # (n', V)
+        values, indices = block_topk(lp, k)                                # (n', K)
+        logprobs[sl], ids[sl] = values, indices.int()
+        target[sl] = lp.gather(-1, next_ids[sl, None])[:, 0]
+    return ids, logprobs, target
 
 
 def sample_targets(logprobs: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +124,8 @@ def sample_targets(logprobs: torch.Tensor, n: int, generator: torch.Generator) -
 
 
 class HFTeacher:
-    """transformers AutoModelForCausalLM, batched forward, log_softmax + top-k on the device."""
+    """transformers AutoModelForCausalLM: rows of equal length batched without padding (a shorter last row is
+    right-padded), chunked log_softmax + top-k on the device, results copied out asynchronously (PendingRows)."""
 
     engine = "hf"
     logprobs_mode = "raw_logprobs"
@@ -87,76 +143,135 @@ class HFTeacher:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
     @torch.inference_mode()
-    def topk(self, rows: list[np.ndarray], k: int) -> list[TopkRow]:
-        return _rows_from_logprobs(self._logprobs(rows), rows, k)
+    def topk(self, rows: list[np.ndarray], k: int) -> PendingRows:
+        logits_of, next_ids = self._logits(rows)
+        return PendingRows(*topk_logprobs(logits_of, next_ids, self.vocab_size, k), [len(r) for r in rows])
 
     @torch.inference_mode()
-    def sample(self, rows: list[np.ndarray], n: int, seeds: list[int]) -> list[TopkRow]:
-        """Sampled targets per row (sample_targets, the generator seeded per row): rows in the topk layout with
-        K = n, log(count / n) as logprobs."""
-        logprobs = self._logprobs(rows)                                    # (B, T, V)
-        out = []
-        for b, ids in enumerate(rows):
-            lp = logprobs[b, : len(ids) - 1]                               # (T-1, V)
-            gen = torch.Generator(lp.device).manual_seed(seeds[b])
-            s_ids, s_lp = sample_targets(lp, n, gen)
-            nxt = torch.as_tensor(ids[1:], dtype=torch.long, device=lp.device)
-            target = lp.gather(-1, nxt[:, None])[:, 0]                     # (T-1,)
-            out.append(_with_last_position(s_ids.cpu().numpy(), s_lp.cpu().numpy(), target.cpu().numpy()))
-        return out
+    def sample(self, rows: list[np.ndarray], n: int, seeds: list[int]) -> PendingRows:
+        """Sampled targets per row (sample_targets, the generator seeded per row), in the topk layout with K = n,
+        log(count / n) as logprobs."""
+        logits_of, next_ids = self._logits(rows)
+        ids, lps, target, start = [], [], [], 0
+        for r, seed in zip(rows, seeds):
+            sl = slice(start, start + len(r) - 1)
+            lp = torch.log_softmax(logits_of(sl).float(), dim=-1)          # (T-1, V)
+            s_ids, s_lp = sample_targets(lp, n, torch.Generator(lp.device).manual_seed(seed))
+            ids.append(s_ids), lps.append(s_lp), target.append(lp.gather(-1, next_ids[sl, None])[:, 0])
+            start += len(r) - 1
+        return PendingRows(torch.cat(ids), torch.cat(lps), torch.cat(target), [len(r) for r in rows])
 
-    def _logprobs(self, rows: list[np.ndarray]) -> torch.Tensor:
-        """(B, T, V) float32 log_softmax of right-padded rows."""
-        T = max(len(r) for r in rows)
-        input_ids = torch.zeros(len(rows), T, dtype=torch.long)            # (B, T), right-padded
-        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    def _logits(self, rows: list[np.ndarray]):
+        """One forward over the batch -> (logits_of, next_ids): logits_of(slice) gives the logits (n', V) of those
+        of the N positions that predict a token (row by row, N = sum(len - 1)); next_ids (N,) those tokens. Rows
+        of equal length run as one (B, T) batch without a mask; a shorter row is right-padded and masked."""
+        B, T = len(rows), max(len(r) for r in rows)
+        input_ids = torch.zeros(B, T, dtype=torch.long)                    # (B, T)
+        mask = torch.zeros(B, T, dtype=torch.long)
         for b, r in enumerate(rows):
             input_ids[b, : len(r)] = torch.from_numpy(r.astype(np.int64))
-            attention_mask[b, : len(r)] = 1
-        logits = self.model(input_ids=input_ids.to(self.device),
-                            attention_mask=attention_mask.to(self.device)).logits  # (B, T, V)
-        return torch.log_softmax(logits.float(), dim=-1)
+            mask[b, : len(r)] = 1
+        keep = mask[:, 1:].bool().to(self.device)                          # (B, T-1) positions that predict
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        mask = None if mask.all() else mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)    # (B*T, V)
+        index = (torch.arange(B, device=self.device)[:, None] * T
+                 + torch.arange(T - 1, device=self.device)).masked_select(keep)            # (N,) rows of logits
+        return (lambda sl: logits.index_select(0, index[sl])), input_ids[:, 1:].masked_select(keep)
 
     def close(self) -> None:
         del self.model
         gc.collect()
 
 
+class _Later:
+    """Results computed when read: by capture's writer thread, while the engine runs the next batch."""
+
+    def __init__(self, compute):
+        self.compute = compute
+
+    def rows(self) -> list[TopkRow]:
+        return self.compute().rows()
+
+
+# Architectures whose logits are exactly final_hidden @ W.T (no bias, scale or soft-cap), W the lm_head or, tied,
+# the input embedding: for these the vLLM engine returns hidden states and the head runs here (VLLMTeacher).
+PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
 class VLLMTeacher:
-    """vLLM `generate` on pre-tokenized rows with prompt_logprobs=k, flat_logprobs=True, detokenize=False."""
+    """vLLM on pre-tokenized rows, with one of two outputs (`output`, default "auto": hidden when it can):
+    - "hidden": the pooling API (`LLM.encode`, task token_embed) returns each row's final hidden states as one
+      tensor; the output head, log_softmax and top-k then run here (topk_logprobs), on the GPU when there is one.
+      Only for PLAIN_HEAD_ARCHITECTURES, whose head is read from the checkpoint.
+    - "logprobs": `generate` with prompt_logprobs=k, flat_logprobs, detokenize=False, arrays built per request
+      from the flat lists (any architecture; vLLM's front end appends k+1 Python entries per position)."""
 
     engine = "vllm"
     logprobs_mode = "raw_logprobs"
 
     def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, max_model_len: int | None = None):
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, max_model_len: int | None = None,
+                 output: str = "auto"):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # capture's tokenizer thread runs while the engine starts: spawn its processes rather than fork them
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        config = read_model_config(path)
+        head_ok = bool(config.get("architectures")) and set(config["architectures"]) <= set(PLAIN_HEAD_ARCHITECTURES)
+        if output == "hidden" and not head_ok:
+            raise KdcacheError(f"--vllm-output hidden: {config.get('architectures')} is not one of "
+                               f"{', '.join(PLAIN_HEAD_ARCHITECTURES)}; use --vllm-output logprobs")
+        self.output = "hidden" if output == "auto" and head_ok else "logprobs" if output == "auto" else output
         # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
         # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
         max_model_len = max_model_len or seq_len + 1
-        if max_model_len > read_model_config(path).get("max_position_embeddings", max_model_len):
+        if max_model_len > config.get("max_position_embeddings", max_model_len):
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
         from vllm import LLM
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        head = _output_head(path) if self.output == "hidden" else None    # (V, d), checked before the engine starts
         if gpu_memory_utilization is None:   # on CPU it is the share of host RAM reserved for the KV cache
-            gpu_memory_utilization = 0.9 if torch.cuda.is_available() else 0.25
-        self.llm = LLM(model=path, max_logprobs=k, max_model_len=max_model_len, dtype=dtype,
-                       enable_prefix_caching=False, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode,
-                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       pipeline_parallel_size=pipeline_parallel_size, seed=0)
+            gpu_memory_utilization = (0.85 if self.output == "hidden" else 0.9) if torch.cuda.is_available() else 0.25
+        common = dict(model=path, max_model_len=max_model_len, dtype=dtype, enable_prefix_caching=False, seed=0,
+                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                      pipeline_parallel_size=pipeline_parallel_size)
+        if self.output == "hidden":
+            from vllm.config import PoolerConfig
+            self.llm = LLM(runner="pooling", convert="embed", pooler_config=PoolerConfig(task="token_embed"), **common)
+        else:
+            self.llm = LLM(max_logprobs=k, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode, **common)
         model_config = self.llm.llm_engine.model_config
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.vocab_size = model_config.get_vocab_size()
         self.engine_version = _vllm_version()
+        if head is not None:
+            self.head = head.to(device, model_config.dtype)                # (V, d)
 
-    def topk(self, rows: list[np.ndarray], k: int) -> list[TopkRow]:
-        from vllm import SamplingParams
+    def topk(self, rows: list[np.ndarray], k: int) -> "PendingRows | _Later":
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
+        lengths = [len(r) for r in rows]
+        if self.output == "hidden":
+            from vllm import PoolingParams
+
+            outputs = self.llm.encode(prompts, PoolingParams(use_activation=False), pooling_task="token_embed",
+                                      use_tqdm=False)
+            hidden = torch.cat([o.outputs.data[:-1] for o in outputs])                     # (N, d)
+            next_ids = torch.cat([torch.from_numpy(r[1:].astype(np.int64)) for r in rows])  # (N,)
+            return _Later(lambda: self._head_topk(hidden, next_ids, k, lengths))
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [_flat_to_arrays(o.prompt_logprobs, len(r), k) for o, r in zip(outputs, rows)]
+        parts = [_flat_to_arrays(o.prompt_logprobs, n, k) for o, n in zip(outputs, lengths)]
+        return PendingRows(*(np.concatenate(p) for p in zip(*parts)), lengths)
+
+    @torch.inference_mode()
+    def _head_topk(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, lengths: list[int]) -> PendingRows:
+        hidden, next_ids = hidden.to(self.head.device, self.head.dtype), next_ids.to(self.head.device)
+        return PendingRows(*topk_logprobs(lambda sl: hidden[sl] @ self.head.T, next_ids, len(self.head), k), lengths)
 
     def close(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
@@ -166,12 +281,28 @@ class VLLMTeacher:
         gc.collect()
 
 
-def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
-    """vLLM FlatLogprobs of one prompt -> arrays. Entry t >= 1 is the distribution that predicted token t (so the
-    cache's position t-1); each holds k+1 entries: the actual token first (with its rank), then the top-k in rank
-    order, also when the actual token is inside the top-k (observed in vllm 0.32, checked by a test)."""
+def _output_head(path: str) -> torch.Tensor:
+    """The output projection W (V, d) of a PLAIN_HEAD_ARCHITECTURES checkpoint: lm_head.weight, or the input
+    embedding when the config ties them, read from its safetensors file(s)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    name = "model.embed_tokens.weight" if AutoConfig.from_pretrained(path).tie_word_embeddings else "lm_head.weight"
+    index = Path(path) / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"].get(name) if index.exists() else "model.safetensors"
+    if file is None or not (Path(path) / file).exists():
+        raise KdcacheError(f"--teacher {path}: no {name} in its safetensors files (use --vllm-output logprobs)")
+    with safe_open(str(Path(path) / file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _flat_to_arrays(flat, T: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """vLLM FlatLogprobs of one prompt of T tokens -> ids (T-1, K), logprobs (T-1, K), target (T-1,). Entry t >= 1
+    is the distribution that predicted token t (so the cache's position t-1); each holds k+1 entries: the actual
+    token first (with its rank), then the top-k in rank order, also when the actual token is inside the top-k
+    (observed in vllm 0.32, checked by a test)."""
     if T == 1:                                                             # a lone token predicts nothing
-        return _with_last_position(np.zeros((0, k)), np.zeros((0, k)), np.zeros(0))
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32)
     starts = np.asarray(flat.start_indices[1:T])                           # (T-1,)
     ends = np.asarray(flat.end_indices[1:T])
     if not (ends - starts == k + 1).all():
@@ -179,7 +310,7 @@ def _flat_to_arrays(flat, T: int, k: int) -> TopkRow:
                            f"entries per position, expected k+1={k + 1}")
     ids = np.asarray(flat.token_ids[starts[0]:ends[-1]], dtype=np.int32).reshape(T - 1, k + 1)
     lps = np.asarray(flat.logprobs[starts[0]:ends[-1]], dtype=np.float32).reshape(T - 1, k + 1)
-    return _with_last_position(ids[:, 1:], lps[:, 1:], lps[:, 0])
+    return ids[:, 1:], lps[:, 1:], lps[:, 0]
 
 
 def _vllm_version() -> str:

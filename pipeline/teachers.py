@@ -221,7 +221,7 @@ class VLLMTeacher:
         if output == "hidden" and not head_ok:
             raise KdcacheError(f"--vllm-output hidden: {config.get('architectures')} is not one of "
                                f"{', '.join(PLAIN_HEAD_ARCHITECTURES)}; use --vllm-output logprobs")
-        self.output = "hidden" if output == "auto" and head_ok else "logprobs" if output == "auto" else output
+        self.output = output if output != "auto" else "hidden" if head_ok else "logprobs"
         # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
         # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
         max_model_len = max_model_len or seq_len + 1
@@ -249,24 +249,29 @@ class VLLMTeacher:
             self.head = head.to(device, model_config.dtype)                # (V, d)
 
     def topk(self, rows: list[np.ndarray], k: int) -> "PendingRows | _Later":
+        lengths = [len(r) for r in rows]
+        if self.output == "hidden":
+            hidden, next_ids = self.hidden_states(rows)
+            return _Later(lambda: self._head_topk(hidden, next_ids, k, lengths))
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
-        lengths = [len(r) for r in rows]
-        if self.output == "hidden":
-            from vllm import PoolingParams
-
-            outputs = self.llm.encode(prompts, PoolingParams(use_activation=False), pooling_task="token_embed",
-                                      use_tqdm=False)
-            hidden = torch.cat([o.outputs.data[:-1] for o in outputs])                     # (N, d)
-            next_ids = torch.cat([torch.from_numpy(r[1:].astype(np.int64)) for r in rows])  # (N,)
-            return _Later(lambda: self._head_topk(hidden, next_ids, k, lengths))
-        from vllm import SamplingParams
-
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         parts = [_flat_to_arrays(o.prompt_logprobs, n, k) for o, n in zip(outputs, lengths)]
         return PendingRows(*(np.concatenate(p) for p in zip(*parts)), lengths)
+
+    def hidden_states(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "hidden" output's engine call: final hidden states (N, d) of the N positions that predict a token
+        (row by row, N = sum(len - 1)), and those tokens (N,)."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.encode([TokensPrompt(prompt_token_ids=r.tolist()) for r in rows],
+                                  PoolingParams(use_activation=False), pooling_task="token_embed", use_tqdm=False)
+        return (torch.cat([o.outputs.data[:-1] for o in outputs]),                         # (N, d)
+                torch.cat([torch.from_numpy(r[1:].astype(np.int64)) for r in rows]))       # (N,)
 
     @torch.inference_mode()
     def _head_topk(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, lengths: list[int]) -> PendingRows:

@@ -83,8 +83,7 @@ def bench_vllm(path: str, rows: list[np.ndarray], k: int, seq_len: int, repeats:
 
     @torch.inference_mode()
     def forward_with_head():   # the prefill plus the head at every position (what capture needs), chunked like it
-        outputs = teacher.llm.encode(prompts, params, pooling_task="token_embed", use_tqdm=False)
-        hidden = torch.cat([o.outputs.data[:-1] for o in outputs])                 # (N, d)
+        hidden, _ = teacher.hidden_states(rows)                                    # (N, d)
         step = max(1, (1 << 22) // len(teacher.head))
         for start in range(0, len(hidden), step):
             (hidden[start:start + step] @ teacher.head.T).sum()

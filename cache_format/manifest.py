@@ -11,6 +11,7 @@ from .errors import CacheError
 from .schema import FORMAT_NAME, FORMAT_VERSION, SPLITS
 
 MANIFEST_NAME = "manifest.json"
+CONFIG_NAME = "capture_config.json"      # beside the manifest: the capture's resolved options
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,28 @@ class Manifest:
     def shards(self) -> list[ShardInfo]:
         return [s for domains in self.splits.values() for info in domains.values() for s in info.shards]
 
+    def summary(self) -> dict:
+        """What `kdcache inspect` shows: teacher, tokenizer, codec, k, seq_len, and per split and domain rows,
+        tokens, shards, bytes and bytes/token, with their totals."""
+        per_token = lambda b, t: round(b / t, 2) if t else 0.0  # noqa: E731
+        splits = {split: {name: {"rows": d.rows, "tokens": d.tokens, "shards": len(d.shards),
+                                 "bytes": sum(s.bytes for s in d.shards),
+                                 "bytes_per_token": per_token(sum(s.bytes for s in d.shards), d.tokens)}
+                          for name, d in sorted(domains.items())}
+                  for split, domains in sorted(self.splits.items())}
+        total = {key: sum(d[key] for ds in splits.values() for d in ds.values()) for key in ("rows", "tokens", "bytes")}
+        d = self.to_dict()
+        return {"format_version": self.format_version, "codec": self.codec, "teacher": d["teacher"],
+                "tokenizer": d["tokenizer"], "top_k": self.top_k, "seq_len": self.seq_len, "split": d["split"],
+                "splits": splits, "total": {**total, "bytes_per_token": per_token(total["bytes"], total["tokens"])}}
+
 
 def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> str:
     """Write manifest.json atomically (local: tmp + fsync + rename; object store: one upload): the cache's commit
     point, so write it after every shard. cache_dir: a path or URL (storage.py). Returns where it was written."""
-    fs, base = storage.resolve(cache_dir)
-    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    storage.write_bytes(fs, storage.join(base, MANIFEST_NAME), text.encode())
-    return storage.join(str(cache_dir), MANIFEST_NAME)
+    path = storage.join(str(cache_dir), MANIFEST_NAME)
+    storage.write_json(path, manifest.to_dict())
+    return path
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> Manifest:

@@ -13,8 +13,12 @@ tmp name, fsynced and renamed; an object store has no rename but makes an object
 completed, so an object is written under its final key directly.
 """
 
+import contextlib
 import hashlib
+import json
 import os
+import shutil
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -90,19 +94,48 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields `path` + ".tmp" to write a file or a directory into; when the block ends without error it replaces
+    `path` in one rename (an old directory there is removed first), else it is removed. A crash leaves at most the
+    tmp, which the next write replaces."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _remove(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write a whole file atomically (local: tmp + fsync + rename; object store: one upload)."""
+    """Write a whole file atomically (local: atomic_path + fsync; object store: one upload)."""
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = path + ".tmp"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_json(location: str | os.PathLike, obj) -> None:
+    """obj as indented JSON with sorted keys, written atomically to a local path or a URL."""
+    fs, path = resolve(location)
+    write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def upload(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str, digest: str, where: str) -> None:

@@ -27,16 +27,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache_format import (DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter, SplitRule, TeacherInfo,
-                          TokenizerInfo, TopkV1, TopkV2, files_fingerprint, tokenizer_fingerprint, weights_fingerprint,
-                          write_manifest)
-from cache_format.manifest import MANIFEST_NAME
+from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
+                          SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, files_fingerprint, publish, storage,
+                          tokenizer_fingerprint, weights_fingerprint, write_manifest)
 
 from . import __version__
 from .corpus import DataSpec, iter_split_rows, resolve_files
 
 log = logging.getLogger("kdcache")
-CONFIG_NAME = "capture_config.json"
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
 WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
@@ -124,10 +122,13 @@ class CaptureConfig:
                       **(rule if self.targets == "topk" else {}))
 
     @property
+    def token_bytes_bound(self) -> int:
+        """Bytes per token before compression: K entries of 8 (v1) or at most 3 (v2) bytes, plus 8."""
+        return (8 if self.codec == "v1" else 3) * self.width + 8
+
+    @property
     def rows_per_shard(self) -> int:
-        per_entry = 8 if self.codec == "v1" else 3                      # bytes per entry before compression
-        bytes_per_row = self.seq_len * (per_entry * self.width + 8)
-        return max(1, int(self.shard_size_mb * 2**20) // bytes_per_row)
+        return max(1, int(self.shard_size_mb * 2**20) // (self.seq_len * self.token_bytes_bound))
 
     @property
     def row_group_rows(self) -> int:
@@ -140,14 +141,107 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     (tokenisation, engine, writing) and the engine start, timed apart. An --out URL (s3://...) is captured into a
     local staging directory (resumable there), then uploaded shard by shard, each read back, manifest last."""
     if "://" in cfg.out:
-        from .merge import publish
         return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
+    cfg, tokenizer, vocab = _resolve(cfg)
+    out, identity = Path(cfg.out), _identity(cfg)
+    if _check_identity(out, identity):
+        log.info("%s is already complete (same options): nothing to do", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    storage.write_json(out / CONFIG_NAME, identity)
+    codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
+    R = cfg.rows_per_shard
+    offsets = {s: i for i, s in enumerate(sorted(_streams(cfg)))}
+    mine = lambda split, domain, j: (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index  # noqa
+
+    shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in _streams(cfg)}
+    plan = {f"{split}/{domain}": 0 for split, domain in _streams(cfg)}     # shards per stream, all workers
+    # tokens through the teacher; an ETA needs a known total, which --max-tokens-per-domain gives
+    total = cfg.max_tokens_per_domain * len(cfg.data) // cfg.num_workers if cfg.max_tokens_per_domain else None
+    bar = tqdm(unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, smoothing=0.1, total=total)
+    teacher, teacher_tokens, engine_seconds = None, 0, 0.0   # the engine starts on the first shard left to do
+    started = time.perf_counter()
+    try:
+        for split, domain, j, rows in _shard_rows(cfg, tokenizer):
+            plan[f"{split}/{domain}"] = j + 1
+            if not mine(split, domain, j):
+                continue
+            rel = f"{split}/{domain}/shard-{j:05d}.parquet"
+            info = _finished_shard(out, rel)
+            if info is None:
+                if teacher is None:
+                    teacher, engine_seconds = _start_engine(cfg, out)
+                    bar.reset(total=total)                     # rates from here on, engine start excluded
+                info = _capture_shard(out, rel, rows, j * R, domain, teacher, cfg, codec, bar)
+                teacher_tokens += info.tokens
+            shards[(split, domain)].append(info)
+    finally:
+        bar.close()
+        if teacher is not None:
+            teacher.close()
+    if teacher_tokens:
+        seconds = time.perf_counter() - started - engine_seconds
+        log.info("captured %d tokens in %.1fs (%.0f tokens/s end to end, engine start of %.0fs excluded)",
+                 teacher_tokens, seconds, teacher_tokens / seconds, engine_seconds)
+        if stats is not None:
+            stats.update(tokens=teacher_tokens, seconds=seconds, engine_start_s=engine_seconds)
+    manifest = _manifest(cfg, out, tokenizer, codec, identity, shards, plan)
+    write_manifest(out, manifest)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
+    log.info("wrote %s: %d shards, %d tokens", out, len(manifest.shards()),
+             sum(d.tokens for ds in manifest.splits.values() for d in ds.values()))
+    return out
+
+
+def plan_capture(cfg: CaptureConfig) -> dict:
+    """--dry-run: check every input as run_capture does and tokenize the corpus, but start no engine and write
+    nothing; the plan: per domain the rows, tokens and shards of each split, the shards this worker would run, the
+    cache's size bound and what the engine needs."""
+    cfg, tokenizer, vocab = _resolve(cfg)
+    out = Path(cfg.out) if "://" not in cfg.out else None
+    state = "new"
+    if out is not None and _check_identity(out, _identity(cfg)):
+        state = "complete (nothing to do)"
+    elif out is not None and (out / CONFIG_NAME).exists():
+        state = "a capture with the same options: resumes"
+    R = cfg.rows_per_shard
+    offsets = {s: i for i, s in enumerate(sorted(_streams(cfg)))}
+    domains = {spec.domain: {"train_rows": 0, "val_rows": 0, "tokens": 0, "shards": 0} for spec in cfg.data}
+    mine = 0
+    for split, domain, j, rows in _shard_rows(cfg, tokenizer):
+        d = domains[domain]
+        d[f"{split}_rows"] += len(rows)
+        d["tokens"] += sum(len(r) for r in rows)
+        d["shards"] += 1
+        mine += (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index
+    tokens = sum(d["tokens"] for d in domains.values())
+    return {
+        "out": f"{cfg.out} ({state})",
+        "teacher": f"{cfg.teacher} (vocab {vocab})",
+        "teacher weights bytes": sum(f.stat().st_size for f in Path(cfg.teacher).glob("*")
+                                     if f.suffix in (".safetensors", ".bin")),
+        "engine": cfg.backend + (f", reserves {cfg.gpu_memory_utilization or 'the default share of'} GPU memory "
+                                 f"(host RAM on CPU)" if cfg.backend == "vllm" else f", dtype {cfg.dtype}"),
+        "codec": f"{cfg.codec}, k {cfg.width}, seq_len {cfg.seq_len}, {R} rows per shard",
+        "domains": domains,
+        "tokens": tokens,
+        "rows": sum(d["train_rows"] + d["val_rows"] for d in domains.values()),
+        "shards": sum(d["shards"] for d in domains.values()),
+        f"shards for worker {cfg.worker_index}/{cfg.num_workers}": mine,
+        f"cache bytes, at most ({cfg.token_bytes_bound} B/token before compression)": tokens * cfg.token_bytes_bound,
+    }
+
+
+def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int]:
+    """(cfg with its backend resolved, the teacher's tokenizer, its vocab size) after checking the teacher, the
+    data paths and the options that depend on the model; KdcacheError before any work otherwise."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
+    if "://" not in cfg.out and out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
-    from .teachers import load_teacher, model_name, read_model_config, resolve_backend
+    from .teachers import read_model_config, resolve_backend
     model_config = read_model_config(cfg.teacher)
-    files = {spec.domain: resolve_files(spec) for spec in cfg.data}         # bad data paths fail before any work
+    for spec in cfg.data:                                                   # bad data paths fail before any work
+        resolve_files(spec)
     tokenizer = _load_tokenizer(cfg.teacher)
     vocab = int(model_config["vocab_size"])
     if cfg.top_k > vocab:
@@ -159,86 +253,65 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     if cfg.backend != "vllm" and cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         raise KdcacheError(f"--tensor-parallel-size {cfg.tensor_parallel_size} / --pipeline-parallel-size "
                            f"{cfg.pipeline_parallel_size}: model parallelism needs --backend vllm (got {cfg.backend})")
+    return cfg, tokenizer, vocab
 
+
+def _identity(cfg: CaptureConfig) -> dict:
+    """What decides the cache's bytes: the options (less RUNTIME_OPTIONS), the teacher's weights, the data files."""
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
-    identity["data_fingerprint"] = {d: files_fingerprint(f) for d, f in files.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_identity(out, identity)
-    if (out / MANIFEST_NAME).exists():
-        log.info("%s is already complete (same options): nothing to do", out)
-        return out
+    identity["data_fingerprint"] = {spec.domain: files_fingerprint(resolve_files(spec)) for spec in cfg.data}
+    return identity
 
-    codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
+
+def _streams(cfg: CaptureConfig) -> list[tuple[str, str]]:
+    """The (split, domain) streams of the capture, in the order they are packed."""
+    return [(split, spec.domain) for spec in cfg.data for split in ("train", "val")]
+
+
+def _shard_rows(cfg: CaptureConfig, tokenizer) -> Iterator[tuple[str, str, int, list[np.ndarray]]]:
+    """Every shard of the capture, all workers', as (split, domain, shard index j, its packed rows): rows
+    [j*R, (j+1)*R) of the stream, in packing order (a stream's last shard may be short). Tokenisation runs ahead
+    in a thread."""
     R = cfg.rows_per_shard
-    streams = [(split, spec.domain) for spec in cfg.data for split in ("train", "val")]
-    offsets = {s: i for i, s in enumerate(sorted(streams))}
-    mine = lambda split, domain, j: (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index  # noqa
+    for spec in cfg.data:
+        pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        done = {"train": 0, "val": 0}                                  # rows of the stream in earlier shards
+        for split, _, row in _prefetched(iter_split_rows(spec, tokenizer, cfg.seq_len, cfg.split_seed,
+                                                         cfg.val_fraction, cfg.text_field,
+                                                         cfg.max_tokens_per_domain), 4 * cfg.batch_size):
+            pending[split].append(row)
+            if len(pending[split]) == R:
+                yield split, spec.domain, done[split] // R, pending[split]
+                done[split], pending[split] = done[split] + R, []
+        for split in ("train", "val"):
+            if pending[split]:
+                yield split, spec.domain, done[split] // R, pending[split]
 
-    teacher = None
-    shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in streams}
-    plan: dict[str, int] = {}
-    # tokens through the teacher; an ETA needs a known total, which --max-tokens-per-domain gives
-    total = cfg.max_tokens_per_domain * len(cfg.data) // cfg.num_workers if cfg.max_tokens_per_domain else None
-    bar = tqdm(unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, smoothing=0.1, total=total)
-    teacher_tokens, load_seconds = 0, 0.0           # work done by this run; the engine start is timed apart
-    started = time.perf_counter()
-    try:
-        for spec in cfg.data:
-            pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-            counts = {"train": 0, "val": 0}
 
-            def finish(split: str) -> None:
-                nonlocal teacher, teacher_tokens, load_seconds
-                rows = pending[split]
-                j = counts[split] // R
-                counts[split] += len(rows)
-                pending[split] = []
-                if not mine(split, spec.domain, j):
-                    return
-                rel = f"{split}/{spec.domain}/shard-{j:05d}.parquet"
-                info = _finished_shard(out, rel)
-                if info is None:
-                    if teacher is None:
-                        t0 = time.perf_counter()
-                        teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype,
-                                               **_engine_options(cfg))
-                        _save_engine(out, {"name": teacher.engine, "version": teacher.engine_version,
-                                           "dtype": teacher.dtype})
-                        load_seconds = time.perf_counter() - t0
-                        bar.reset(total=total)             # rates from here on, engine start excluded
-                    info = _capture_shard(out, rel, rows, j * R, spec.domain, teacher, cfg, codec, bar)
-                    teacher_tokens += info.tokens
-                shards[(split, spec.domain)].append(info)
+def _start_engine(cfg: CaptureConfig, out: Path):
+    """(the started teacher engine, seconds its start took); its name, version and dtype are recorded in
+    .progress/ so that a resumed run that starts none still knows them."""
+    from .teachers import load_teacher
+    t0 = time.perf_counter()
+    teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype, **_engine_options(cfg))
+    storage.write_json(out / PROGRESS_DIR / "engine.json",
+                       {"name": teacher.engine, "version": teacher.engine_version, "dtype": teacher.dtype})
+    return teacher, time.perf_counter() - t0
 
-            for split, _, row in _prefetched(iter_split_rows(spec, tokenizer, cfg.seq_len, cfg.split_seed,
-                                                             cfg.val_fraction, cfg.text_field,
-                                                             cfg.max_tokens_per_domain), 4 * cfg.batch_size):
-                pending[split].append(row)
-                if len(pending[split]) == R:
-                    finish(split)
-            for split in ("train", "val"):
-                if pending[split]:
-                    finish(split)
-                plan[f"{split}/{spec.domain}"] = -(-counts[split] // R)
-    finally:
-        bar.close()
-        if teacher is not None:
-            teacher.close()
-    if teacher_tokens:
-        seconds = time.perf_counter() - started - load_seconds
-        log.info("captured %d tokens in %.1fs (%.0f tokens/s end to end, engine start of %.0fs excluded)",
-                 teacher_tokens, seconds, teacher_tokens / seconds, load_seconds)
-        if stats is not None:
-            stats.update(tokens=teacher_tokens, seconds=seconds, engine_start_s=load_seconds)
 
+def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
+              shards: dict[tuple[str, str], list[ShardInfo]], plan: dict[str, int]) -> Manifest:
+    from .teachers import model_name
     splits = {split: {} for split in ("train", "val")}
     for (split, domain), infos in shards.items():
         splits[split][domain] = DomainInfo(rows=sum(s.rows for s in infos), tokens=sum(s.tokens for s in infos),
                                            shards=sorted(infos, key=lambda s: s.path))
     # the engine that ran this part's shards (recorded when it started, so a resumed run still knows it)
-    engine = _saved_engine(out) or {"name": cfg.backend, "version": "", "dtype": cfg.dtype}
-    manifest = Manifest(
+    engine_path = out / PROGRESS_DIR / "engine.json"
+    engine = json.loads(engine_path.read_text()) if engine_path.exists() else \
+        {"name": cfg.backend, "version": "", "dtype": cfg.dtype}
+    return Manifest(
         teacher=TeacherInfo(path=str(Path(cfg.teacher).resolve()), name=model_name(cfg.teacher),
                             fingerprint=identity["teacher_fingerprint"], engine=engine["name"],
                             engine_version=engine["version"], logprobs_mode="raw_logprobs", dtype=engine["dtype"]),
@@ -247,11 +320,6 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
         top_k=cfg.width, seq_len=cfg.seq_len, codec=codec.params(),
         split=SplitRule(rule=SPLIT_RULE, seed=cfg.split_seed, val_fraction=cfg.val_fraction),
         splits=splits, capture_config={**identity, "plan": plan}, created_by=f"kdcache {__version__}")
-    write_manifest(out, manifest)
-    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-    total = sum(d.tokens for ds in splits.values() for d in ds.values())
-    log.info("wrote %s: %d shards, %d tokens", out, len(manifest.shards()), total)
-    return out
 
 
 def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, domain: str, teacher,
@@ -286,9 +354,7 @@ def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, 
     except BaseException:
         writer.abort()
         raise
-    record = out / PROGRESS_DIR / (rel + ".json")
-    record.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(record, asdict(info))
+    storage.write_json(out / PROGRESS_DIR / (rel + ".json"), asdict(info))
     return info
 
 
@@ -339,29 +405,21 @@ def _engine_options(cfg: CaptureConfig) -> dict:
             "pipeline_parallel_size": cfg.pipeline_parallel_size, "output": cfg.vllm_output}
 
 
-def _check_or_write_identity(out: Path, identity: dict) -> None:
+def _check_identity(out: Path, identity: dict) -> bool:
+    """Whether `out` already holds the finished cache of this capture. KdcacheError if it holds a capture made with
+    other options, or other files."""
     path = out / CONFIG_NAME
-    if path.exists():
-        before = json.loads(path.read_text())
-        diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
-        if diff:
-            details = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(identity.get(k))}" for k in diff)
-            raise KdcacheError(f"--out {out} holds a capture made with other settings ({details}); "
-                               f"use another --out or the same options")
-    else:
-        if any(p.name != PROGRESS_DIR for p in out.iterdir()):
+    if not path.exists():
+        if out.is_dir() and any(p.name != PROGRESS_DIR for p in out.iterdir()):
             raise KdcacheError(f"--out {out}: directory is not empty and holds no kdcache capture")
-        _atomic_write_json(path, identity)
-
-
-def _saved_engine(out: Path) -> dict | None:
-    path = out / PROGRESS_DIR / "engine.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _save_engine(out: Path, engine: dict) -> None:
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    _atomic_write_json(out / PROGRESS_DIR / "engine.json", engine)
+        return False
+    before = json.loads(path.read_text())
+    diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+    if diff:
+        details = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(identity.get(k))}" for k in diff)
+        raise KdcacheError(f"--out {out} holds a capture made with other settings ({details}); "
+                           f"use another --out or the same options")
+    return (out / MANIFEST_NAME).exists()
 
 
 def _load_tokenizer(path: str):
@@ -373,12 +431,6 @@ def _load_tokenizer(path: str):
     if tokenizer.eos_token_id is None:
         raise KdcacheError(f"--teacher {path}: tokenizer has no eos token (needed to join documents)")
     return tokenizer
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _jsonable(d: dict) -> dict:

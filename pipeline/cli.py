@@ -1,5 +1,7 @@
-"""The `kdcache` command group. Commands only parse options and call a run_* function."""
+"""The `kdcache` command group. Commands only parse options into a stage's frozen config and call its run_*
+function; every option's default is its config field's."""
 
+import functools
 import json
 import logging
 import os
@@ -7,9 +9,16 @@ import sys
 
 import click
 
-from cache_format import KdcacheError, open_cache, verify_cache
+from cache_format import KdcacheError, read_manifest, verify_cache
+from trainer.config import TrainConfig
+from trainer.evaluate import EvalConfig
+from trainer.profile import ProfileConfig
 
 from . import __version__
+from .capture import CaptureConfig
+from .demo import DemoConfig
+from .merge import MergeConfig
+from .options import config_option, merge_config_file, require
 
 
 class KdcacheGroup(click.Group):
@@ -43,86 +52,64 @@ def cli(ctx: click.Context, debug: bool) -> None:
         logging.getLogger("kdcache").setLevel(logging.DEBUG)
 
 
+_capture = functools.partial(config_option, CaptureConfig)     # an option whose default is CaptureConfig's
+
+
 @cli.command()
-@click.option("--teacher", help="HF model directory of the teacher.")
+@_capture("teacher", str, "HF model directory of the teacher.")
 @click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
               help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt (also .jsonl.zst, "
                    ".jsonl.gz, a datasets save_to_disk dir). Repeatable.")
-@click.option("--out", help="Cache directory or URL (s3://, gs://) to write (re-running the same command resumes).")
-@click.option("--backend", type=click.Choice(["vllm", "hf"]), default=None, help="Default: vllm if it can run, else hf.")
-@click.option("--top-k", type=int, default=64, show_default=True, help="Entries per position (v2: the cap).")
-@click.option("--codec", type=click.Choice(["v2", "v1"]), default="v2", show_default=True,
-              help="v2: quantised log-probs, adaptive k; v1: plain int32 ids + float32 log-probs.")
-@click.option("--top-p", type=float, default=None, help="v2: keep the smallest prefix with this probability mass.")
-@click.option("--kl-budget", type=float, default=None,
-              help="v2: keep the fewest entries whose extra KL vs --top-k entries is <= this (nats per position).")
-@click.option("--kl-scale", type=float, default=None,
-              help="v2: the same with a budget per row of this times the row's mean bound on the top-k truncation KL. "
-                   "The default rule (0.015) when no --top-p/--kl-budget/--kl-scale is given.")
-@click.option("--targets", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True,
-              help="sampled: store --samples draws from the teacher (Random-Sampling KD, unbiased); needs hf.")
-@click.option("--samples", type=int, default=50, show_default=True, help="Draws per position with --targets sampled.")
-@click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--val-fraction", type=float, default=0.02, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
-@click.option("--max-tokens-per-domain", type=int, default=None)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per engine call.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True)
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--num-workers", type=int, default=1, show_default=True)
-@click.option("--worker-index", type=int, default=0, show_default=True)
-@click.option("--shard-size-mb", type=float, default=256.0, show_default=True, help="Target shard size.")
-@click.option("--gpu-memory-utilization", type=float, default=None,
-              help="vLLM: share of GPU memory (on CPU: of host RAM) for the engine. Default 0.85 GPU, 0.25 CPU.")
-@click.option("--vllm-output", type=click.Choice(["auto", "hidden", "logprobs"]), default="auto", show_default=True,
-              help="vLLM: hidden = final hidden states out, head and top-k run by kdcache (Llama, Mistral, Qwen2/3); "
-                   "logprobs = vLLM's prompt_logprobs (any model, slower); auto = hidden where it can.")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True,
-              help="vLLM: GPUs that split each layer of the teacher (within a node).")
-@click.option("--pipeline-parallel-size", type=int, default=1, show_default=True,
-              help="vLLM: pipeline stages the teacher's layers are split into (GPUs or nodes).")
+@_capture("out", str, "Cache directory or URL (s3://, gs://) to write (re-running the same command resumes).")
+@_capture("backend", click.Choice(["vllm", "hf"]), "Default: vllm if it can run, else hf.")
+@_capture("top_k", int, "Entries per position (v2: the cap).")
+@_capture("codec", click.Choice(["v2", "v1"]), "v2: quantised log-probs, adaptive k; v1: plain int32 ids + float32 "
+          "log-probs.")
+@_capture("top_p", float, "v2: keep the smallest prefix with this probability mass.")
+@_capture("kl_budget", float, "v2: keep the fewest entries whose extra KL vs --top-k entries is <= this (nats per "
+          "position).")
+@_capture("kl_scale", float, "v2: the same with a budget per row of this times the row's mean bound on the top-k "
+          "truncation KL. The default rule (0.015) when no --top-p/--kl-budget/--kl-scale is given.")
+@_capture("targets", click.Choice(["topk", "sampled"]), "sampled: store --samples draws from the teacher "
+          "(Random-Sampling KD, unbiased); needs hf.")
+@_capture("samples", int, "Draws per position with --targets sampled.")
+@_capture("seq_len", int, "Tokens per row.")
+@_capture("val_fraction", float, "Share of documents held out for the val split.")
+@_capture("split_seed", int, "Seed of the val/train document hash.")
+@_capture("max_tokens_per_domain", int, "Stop each domain after this many tokens.")
+@_capture("batch_size", int, "Rows per engine call.")
+@_capture("dtype", click.Choice(["auto", "float32", "bfloat16"]), "The teacher's compute dtype.")
+@_capture("text_field", str, "Field of a record that holds the text.")
+@_capture("num_workers", int, "Capture workers in all (run each with its --worker-index, then kdcache merge).")
+@_capture("worker_index", int, "This worker, in 0..num_workers-1.")
+@_capture("shard_size_mb", float, "Target shard size.")
+@_capture("gpu_memory_utilization", float, "vLLM: share of GPU memory (on CPU: of host RAM) for the engine. "
+          "Default 0.85 GPU, 0.25 CPU.")
+@_capture("vllm_output", click.Choice(["auto", "hidden", "logprobs"]), "vLLM: hidden = final hidden states out, "
+          "head and top-k run by kdcache (Llama, Mistral, Qwen2/3); logprobs = vLLM's prompt_logprobs (any model, "
+          "slower); auto = hidden where it can.")
+@_capture("tensor_parallel_size", int, "vLLM: GPUs that split each layer of the teacher (within a node).")
+@_capture("pipeline_parallel_size", int, "vLLM: pipeline stages the teacher's layers are split into (GPUs or nodes).")
 @click.option("--config", "config_path", default=None,
               help="YAML file: any of these options (underscored names) and `data: {domain: path}`.")
+@click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan (tokens, rows, shards, bytes, "
+              "memory); write nothing.")
 @click.pass_context
-def capture(ctx: click.Context, config_path: str | None, data: tuple[str, ...], **options) -> None:
+def capture(ctx: click.Context, config_path: str | None, dry_run: bool, data: tuple[str, ...], **options) -> None:
     """Run the teacher once over the corpus and write its top-k log-probabilities to a cache."""
-    from .capture import CaptureConfig, run_capture
+    from .capture import plan_capture, run_capture
     from .corpus import load_mixture, parse_data_spec
 
     specs = [parse_data_spec(d) for d in data]
-    if config_path:
-        file_options = _yaml_options(config_path)
-        if not specs and "data" in file_options:
-            specs = load_mixture(config_path)
-        file_options.pop("data", None)
-        _apply_file_options(ctx, config_path, file_options, options)
-    for name in ("teacher", "out"):
-        if not options[name]:
-            raise click.UsageError(f"Missing option '--{name}'.")
-    run_capture(CaptureConfig(data=tuple(specs), **options))
-
-
-def _apply_file_options(ctx: click.Context, path: str, file_options: dict, options: dict) -> None:
-    """Options from a --config file fill in what the command line left at its default."""
-    for name, value in file_options.items():
-        if name not in options:
-            raise KdcacheError(f"{path}: unknown option {name!r}")
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-            options[name] = value
-
-
-def _yaml_options(path: str) -> dict:
-    import yaml
-    try:
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise KdcacheError(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise KdcacheError(f"--config {path}: malformed YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise KdcacheError(f"--config {path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in d.items()}
+    from_file = merge_config_file(ctx, config_path, options, extra=("data",))
+    if not specs and "data" in from_file:
+        specs = load_mixture(config_path, from_file)
+    require(options, "teacher", "out")
+    cfg = CaptureConfig(data=tuple(specs), **options)
+    if dry_run:
+        click.echo(_format_plan(plan_capture(cfg)))
+        return
+    run_capture(cfg)
 
 
 @cli.command()
@@ -131,7 +118,7 @@ def _yaml_options(path: str) -> dict:
 def merge(parts: tuple[str, ...], out: str) -> None:
     """Join the caches written by capture workers into one cache."""
     from .merge import run_merge
-    run_merge(list(parts), out)
+    run_merge(MergeConfig(parts=parts, out=out))
 
 
 @cli.command()
@@ -139,7 +126,7 @@ def merge(parts: tuple[str, ...], out: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(cache: str, as_json: bool) -> None:
     """Teacher, tokenizer, k, domains, tokens and bytes per token of a cache."""
-    summary = cache_summary(cache)
+    summary = read_manifest(cache).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -158,40 +145,6 @@ def inspect(cache: str, as_json: bool) -> None:
     click.echo(f"{'total':<23} {tot['rows']:>8} {tot['tokens']:>12} {tot['bytes']:>12} {tot['bytes_per_token']:>8.1f}")
 
 
-def option_args(options: dict) -> list[str]:
-    """{config field: value} -> the command line's options (True -> --flag, False -> --no-flag, None -> omitted)."""
-    out = []
-    for k, v in options.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False:
-            out.append("--no-" + k.replace("_", "-"))
-        elif v is not None:
-            out += [flag, str(v)]
-    return out
-
-
-def cache_summary(path: str) -> dict:
-    m = open_cache(path).manifest
-    per_token = lambda b, t: round(b / t, 2) if t else 0.0  # noqa: E731
-    splits = {
-        split: {name: {"rows": d.rows, "tokens": d.tokens, "shards": len(d.shards),
-                       "bytes": sum(s.bytes for s in d.shards),
-                       "bytes_per_token": per_token(sum(s.bytes for s in d.shards), d.tokens)}
-                for name, d in sorted(domains.items())}
-        for split, domains in sorted(m.splits.items())
-    }
-    rows = sum(d["rows"] for ds in splits.values() for d in ds.values())
-    tokens = sum(d["tokens"] for ds in splits.values() for d in ds.values())
-    nbytes = sum(d["bytes"] for ds in splits.values() for d in ds.values())
-    md = m.to_dict()
-    return {"format_version": m.format_version, "codec": m.codec, "teacher": md["teacher"],
-            "tokenizer": md["tokenizer"], "top_k": m.top_k, "seq_len": m.seq_len, "split": md["split"],
-            "splits": splits,
-            "total": {"rows": rows, "tokens": tokens, "bytes": nbytes, "bytes_per_token": per_token(nbytes, tokens)}}
-
-
 @cli.command()
 @click.argument("cache")
 def verify(cache: str) -> None:
@@ -201,115 +154,106 @@ def verify(cache: str) -> None:
 
 
 @cli.command()
-@click.option("--cache", required=True)
-@click.option("--student", required=True, help="HF model directory of the student.")
-@click.option("--out", required=True, help="profile.json to write.")
-@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-rows-per-domain", type=int, default=None,
-              help="Validation budget in sequences per domain (default: all).")
-def profile(cache: str, student: str, out: str, split: str, batch_size: int, max_rows_per_domain: int | None) -> None:
+@config_option(ProfileConfig, "cache", str, "Cache directory written by `kdcache capture`.", required=True)
+@config_option(ProfileConfig, "student", str, "HF model directory of the student.", required=True)
+@config_option(ProfileConfig, "out", str, "profile.json to write.", required=True)
+@config_option(ProfileConfig, "split", click.Choice(["train", "val"]))
+@config_option(ProfileConfig, "batch_size", int)
+@config_option(ProfileConfig, "max_rows_per_domain", int, "Validation budget in sequences per domain (default: all).")
+@config_option(ProfileConfig, "device", str, "Default: cuda if available, else cpu.")
+def profile(**options) -> None:
     """Per-domain student-vs-teacher gap on held-out data (DDK's domain discrepancy) and DDK's initial weights."""
-    from .profile import format_profile_table, run_profile
+    from trainer.profile import format_profile_table, run_profile
 
-    result = run_profile(cache, student, out, split=split, batch_size=batch_size,
-                         max_rows_per_domain=max_rows_per_domain)
+    result = run_profile(ProfileConfig(**options))
     click.echo(format_profile_table(result))
-    logging.getLogger("kdcache").info("profile written to %s", out)
+    logging.getLogger("kdcache").info("profile written to %s", options["out"])
 
 
-def _train_default(name: str):
-    from trainer.train import TrainConfig
-    return TrainConfig.__dataclass_fields__[name].default
-
-
-def _opt(name: str, type_=None, help_: str | None = None, **kw):
-    """A train option whose default is TrainConfig's."""
-    flag = "--" + name.replace("_", "-")
-    if type_ is bool:
-        flag = f"{flag}/--no-{name.replace('_', '-')}"
-    return click.option(flag, name, type=None if type_ is bool else type_, default=_train_default(name),
-                        show_default=True, help=help_, **kw)
+_train = functools.partial(config_option, TrainConfig)
 
 
 @cli.command()
-@click.option("--cache", help="Cache directory written by `kdcache capture`.")
-@click.option("--student", help="HF model directory of the student (same tokenizer as the teacher).")
-@click.option("--out", help="Run directory: metrics, checkpoints, final student, plots.")
-@_opt("loss", click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]),
-      "Divergence on the K+1 buckets; ce = plain continued pre-training (no teacher).")
-@_opt("kd_weight", float, "Weight of the KD term (default 1, DDK: 0.2).")
-@_opt("ce_weight", float, "Weight of CE on the actual next token, mixed into any KD loss (default 0, DDK: 1).")
-@_opt("temperature", float)
-@_opt("jsd_beta", float, "jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention).")
-@_opt("skew_alpha", float, "sfkl/srkl: the skew (DistiLLM).")
-@_opt("akl_mu", float, "akl: head mass threshold.")
-@_opt("sampling", click.Choice(["natural", "uniform", "ddk"]),
-      "Domain mix: natural = token shares, uniform, ddk = follows the student-teacher gap (DDK).")
-@_opt("ddk_alpha", float, "DDK: smoothing of the weight update (Eq. 2).")
-@_opt("ddk_interval", float, "DDK: steps between updates, or a fraction of the run if < 1 (default: ~30 updates).")
-@_opt("ddk_val_rows", int, "DDK: val sequences per domain per measurement.")
-@_opt("ddk_profile", str, "DDK: start from a `kdcache profile` JSON instead of measuring at step 0.")
-@_opt("adakd", bool, "AdaKD: distil the hardest tokens (LATF) at per-token temperatures (IDTS).")
-@_opt("latf", bool, "With --adakd: loss-driven adaptive token focusing.")
-@_opt("idts", bool, "With --adakd: inverse-difficulty temperatures (base: --temperature).")
-@_opt("adakd_c", float, "IDTS intensity: temperatures in [T e^-c, T e^c].")
-@_opt("adakd_beta", float, "LATF: EMA decay of the KD loss, in (0, 1).")
-@_opt("adakd_eps", float, "LATF: tolerance band.")
-@_opt("adakd_delta", float, "LATF: ratio step, in (0, 1).")
-@_opt("adakd_min_ratio", float, "LATF: lowest share of tokens distilled.")
-@_opt("adakd_warmup_fraction", float, "LATF: share of the steps before the ratio adapts.")
-@_opt("steps", int, "Optimizer steps.")
-@_opt("batch_size", int, "Rows per micro-batch.")
-@_opt("grad_accum", int, "Micro-batches per optimizer step.")
-@_opt("lr", float, "Peak learning rate (AdamW).")
-@_opt("min_lr_ratio", float, "Cosine decays to lr * this.")
-@_opt("warmup_steps", int, "Linear warm-up steps (default: 5 % of --steps).")
-@_opt("weight_decay", float)
-@_opt("grad_clip", float, "Max gradient norm (0: no clipping).")
-@_opt("seed", int)
-@_opt("chunk_size", int, "Positions per lm_head chunk (memory vs speed).")
-@_opt("precision", click.Choice(["auto", "fp32", "bf16"]), "auto: bf16 autocast on GPU, fp32 on CPU.")
-@_opt("gradient_checkpointing", bool)
-@_opt("compile", bool, "torch.compile the student body.")
-@_opt("fsdp", bool, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP.")
-@_opt("device", str, "Default: cuda if available, else cpu.")
-@_opt("save_every", int, "Checkpoint every N steps (0: none); needed for --resume.")
-@_opt("keep_checkpoints", int)
-@_opt("log_every", int, "Write a metrics.jsonl record every N steps.")
-@_opt("eval_rows", int, "Val rows per domain for the final eval (0: skip).")
-@_opt("prefetch", int, "Batches read ahead on a background thread.")
-@click.option("--config", "config_path", default=None, help="YAML file: any of these options (underscored names).")
+@_train("cache", str, "Cache directory written by `kdcache capture`.")
+@_train("student", str, "HF model directory of the student (same tokenizer as the teacher).")
+@_train("out", str, "Run directory: metrics, checkpoints, final student, plots.")
+@_train("loss", click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]),
+        "Divergence on the K+1 buckets; ce = plain continued pre-training (no teacher).")
+@_train("kd_weight", float, "Weight of the KD term (default 1, DDK: 0.2).")
+@_train("ce_weight", float, "Weight of CE on the actual next token, mixed into any KD loss (default 0, DDK: 1).")
+@_train("temperature", float)
+@_train("jsd_beta", float, "jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention).")
+@_train("skew_alpha", float, "sfkl/srkl: the skew (DistiLLM).")
+@_train("akl_mu", float, "akl: head mass threshold.")
+@_train("sampling", click.Choice(["natural", "uniform", "ddk"]),
+        "Domain mix: natural = token shares, uniform, ddk = follows the student-teacher gap (DDK).")
+@_train("ddk_alpha", float, "DDK: smoothing of the weight update (Eq. 2).")
+@_train("ddk_interval", float, "DDK: steps between updates, or a fraction of the run if < 1 (default: ~30 updates).")
+@_train("ddk_val_rows", int, "DDK: val sequences per domain per measurement.")
+@_train("ddk_profile", str, "DDK: start from a `kdcache profile` JSON instead of measuring at step 0.")
+@_train("adakd", bool, "AdaKD: distil the hardest tokens (LATF) at per-token temperatures (IDTS).")
+@_train("latf", bool, "With --adakd: loss-driven adaptive token focusing.")
+@_train("idts", bool, "With --adakd: inverse-difficulty temperatures (base: --temperature).")
+@_train("adakd_c", float, "IDTS intensity: temperatures in [T e^-c, T e^c].")
+@_train("adakd_beta", float, "LATF: EMA decay of the KD loss, in (0, 1).")
+@_train("adakd_eps", float, "LATF: tolerance band.")
+@_train("adakd_delta", float, "LATF: ratio step, in (0, 1).")
+@_train("adakd_min_ratio", float, "LATF: lowest share of tokens distilled.")
+@_train("adakd_warmup_fraction", float, "LATF: share of the steps before the ratio adapts.")
+@_train("steps", int, "Optimizer steps.")
+@_train("batch_size", int, "Rows per micro-batch.")
+@_train("grad_accum", int, "Micro-batches per optimizer step.")
+@_train("lr", float, "Peak learning rate (AdamW).")
+@_train("min_lr_ratio", float, "Cosine decays to lr * this.")
+@_train("warmup_steps", int, "Linear warm-up steps (default: 5 % of --steps).")
+@_train("weight_decay", float)
+@_train("adam_beta1", float)
+@_train("adam_beta2", float)
+@_train("grad_clip", float, "Max gradient norm (0: no clipping).")
+@_train("seed", int)
+@_train("chunk_size", int, "Positions per lm_head chunk (memory vs speed).")
+@_train("precision", click.Choice(["auto", "fp32", "bf16"]), "auto: bf16 autocast on GPU, fp32 on CPU.")
+@_train("gradient_checkpointing", bool)
+@_train("compile", bool, "torch.compile the student body.")
+@_train("fsdp", bool, "Under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP.")
+@_train("device", str, "Default: cuda if available, else cpu.")
+@_train("save_every", int, "Checkpoint every N steps (0: none); needed for --resume.")
+@_train("keep_checkpoints", int)
+@_train("log_every", int, "Write a metrics.jsonl record every N steps.")
+@_train("eval_rows", int, "Val rows per domain for the final eval (0: skip).")
+@_train("prefetch", int, "Batches read ahead on a background thread.")
 @click.option("--resume", is_flag=True, help="Continue RUN from its latest checkpoint (same config and cache).")
+@click.option("--config", "config_path", default=None, help="YAML file: any of these options (underscored names).")
+@click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan (steps, tokens, epochs, "
+              "memory); write nothing.")
 @click.pass_context
-def train(ctx: click.Context, config_path: str | None, **options) -> None:
+def train(ctx: click.Context, config_path: str | None, dry_run: bool, **options) -> None:
     """Train a student from the cache (never loads the teacher)."""
-    from trainer.train import TrainConfig, run_train
+    from trainer.train import plan_train, run_train
 
-    if config_path:
-        _apply_file_options(ctx, config_path, _yaml_options(config_path), options)
-    for name in ("cache", "student", "out"):
-        if not options[name]:
-            raise click.UsageError(f"Missing option '--{name}'.")
-    run_train(TrainConfig(**options))
+    merge_config_file(ctx, config_path, options)
+    require(options, "cache", "student", "out")
+    cfg = TrainConfig(**options)
+    if dry_run:
+        click.echo(_format_plan(plan_train(cfg)))
+        return
+    run_train(cfg)
 
 
 @cli.command("eval")
-@click.option("--cache", required=True)
-@click.option("--student", required=True, help="HF model directory of the student.")
-@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-rows-per-domain", type=int, default=None, help="Evaluate on at most this many rows per domain.")
+@config_option(EvalConfig, "cache", str, "Cache directory written by `kdcache capture`.", required=True)
+@config_option(EvalConfig, "student", str, "HF model directory of the student.", required=True)
+@config_option(EvalConfig, "split", click.Choice(["train", "val"]))
+@config_option(EvalConfig, "batch_size", int)
+@config_option(EvalConfig, "max_rows_per_domain", int, "Evaluate on at most this many rows per domain.")
+@config_option(EvalConfig, "out", str, "Also write the report (with the config) as JSON to this file.")
+@config_option(EvalConfig, "device", str, "Default: cuda if available, else cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_(cache: str, student: str, split: str, batch_size: int, max_rows_per_domain: int | None,
-          as_json: bool) -> None:
+def eval_(as_json: bool, **options) -> None:
     """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity."""
-    from trainer.evaluate import evaluate
-    from trainer.student import load_student
+    from trainer.evaluate import run_eval
 
-    c = open_cache(cache)
-    model, _ = load_student(student, c.manifest)
-    report = evaluate(c, model, split=split, batch_size=batch_size, max_rows_per_domain=max_rows_per_domain)
+    report = run_eval(EvalConfig(**options))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -320,23 +264,39 @@ def eval_(cache: str, student: str, split: str, batch_size: int, max_rows_per_do
 
 
 @cli.command()
-@click.option("--out", default="demo-out", show_default=True, help="Output directory (re-running continues).")
-@click.option("--backend", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True,
-              help="Capture engine.")
-@click.option("--steps", type=int, default=600, show_default=True, help="Training steps per compared method.")
-@click.option("--warmup-steps", type=int, default=200, show_default=True,
-              help="CE steps that pre-train the shipped random-init student first.")
-@click.option("--max-tokens-per-domain", type=int, default=120_000, show_default=True,
-              help="Corpus tokens captured per domain.")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="torch threads for the student stages (0: torch's default); the demo's models are tiny.")
-def demo(out: str, backend: str, steps: int, warmup_steps: int, max_tokens_per_domain: int, threads: int) -> None:
+@config_option(DemoConfig, "out", str, "Output directory (re-running continues).")
+@config_option(DemoConfig, "backend", click.Choice(["vllm", "hf"]), "Capture engine.")
+@config_option(DemoConfig, "steps", int, "Training steps per compared method.")
+@config_option(DemoConfig, "warmup_steps", int, "CE steps that pre-train the shipped random-init student first.")
+@config_option(DemoConfig, "max_tokens_per_domain", int, "Corpus tokens captured per domain.")
+@config_option(DemoConfig, "threads", int, "torch threads for the student stages (0: torch's default); the demo's "
+               "models are tiny.")
+def demo(**options) -> None:
     """The whole pipeline on the shipped reference corpus, teacher and student: capture -> inspect -> profile ->
     train CPT, KD and DDK+AdaKD -> eval; writes OUT/report.md and PNG plots."""
-    from .demo import DemoConfig, run_demo
-    report = run_demo(DemoConfig(out=out, backend=backend, steps=steps, warmup_steps=warmup_steps,
-                                 max_tokens_per_domain=max_tokens_per_domain, threads=threads))
-    click.echo(f"report: {report}")
+    from .demo import run_demo
+    click.echo(f"report: {run_demo(DemoConfig(**options))}")
+
+
+def _format_plan(plan: dict) -> str:
+    """A --dry-run plan, one `key  value` line per entry, nested mappings indented; numbers with thousands
+    separators, sizes (keys with "bytes") in binary units too."""
+    def value(k: str, v) -> str:
+        if not isinstance(v, int):
+            return str(v)
+        if "bytes" in k:
+            for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+                if v >= scale:
+                    return f"{v / scale:.2f} {unit} ({v:,})"
+        return f"{v:,}"
+
+    def lines(d: dict, indent: str) -> list[str]:
+        out = []
+        for k, v in d.items():
+            out += [f"{indent}{k}", *lines(v, indent + "  ")] if isinstance(v, dict) else \
+                [f"{indent}{k:<{34 - len(indent)}} {value(k, v)}"]
+        return out
+    return "\n".join(["dry run: nothing was written", *lines(plan, "")])
 
 
 def main() -> None:

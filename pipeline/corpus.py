@@ -85,19 +85,28 @@ def parse_data_spec(s: str) -> DataSpec:
     return DataSpec(_check_domain(domain, f"--data {s!r}"), path)
 
 
-def load_mixture(path: str) -> list[DataSpec]:
-    """Data specs from a YAML file with `data: {domain: path or [paths]}` or `data: [{domain:, path:}, ...]`.
-
-    Relative paths are relative to the YAML file's directory. Other top-level keys are ignored.
-    """
+def read_yaml(path: str) -> dict:
+    """A YAML file's top-level mapping (`--config`, a mixture file); KdcacheError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
     except OSError as e:
-        raise KdcacheError(f"cannot read mixture file {path}: {e.strerror or e}") from e
+        raise KdcacheError(f"cannot read {path}: {e.strerror or e}") from e
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise KdcacheError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(doc, dict) or "data" not in doc:
+    if not isinstance(doc, dict):
+        raise KdcacheError(f"{path}: expected a mapping of names to values")
+    return doc
+
+
+def load_mixture(path: str, doc: dict | None = None) -> list[DataSpec]:
+    """Data specs from a YAML file (or its already parsed mapping `doc`) with `data: {domain: path or [paths]}` or
+    `data: [{domain:, path:}, ...]`.
+
+    Relative paths are relative to the YAML file's directory. Other top-level keys are ignored.
+    """
+    doc = read_yaml(path) if doc is None else doc
+    if "data" not in doc:
         raise KdcacheError(f"{path}: expected a mapping with a `data:` key")
     data = doc["data"]
     if isinstance(data, dict):

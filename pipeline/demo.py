@@ -19,12 +19,15 @@ from pathlib import Path
 import click
 import torch
 
-from cache_format import KdcacheError, verify_cache
+from cache_format import KdcacheError, read_manifest, verify_cache
+from trainer.config import TrainConfig
+from trainer.profile import ProfileConfig, format_profile_table, run_profile
+from trainer.run_dir import latest_checkpoint, read_metrics
+from trainer.train import run_train
 
 from .capture import CaptureConfig, run_capture
-from .cli import cache_summary, option_args
 from .corpus import DataSpec
-from .profile import format_profile_table, run_profile
+from .options import option_args
 
 log = logging.getLogger("kdcache")
 
@@ -71,8 +74,6 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_stages(cfg: DemoConfig) -> Path:
-    from trainer.train import TrainConfig                # pipeline -> trainer, never the reverse
-
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -103,7 +104,7 @@ def _run_stages(cfg: DemoConfig) -> Path:
 
     # 2. inspect + verify
     stage(2, "inspect + verify")
-    summary = cache_summary(str(cache))
+    summary = read_manifest(cache).summary()
     checked = timed("verify", lambda: verify_cache(cache))
     click.echo(f"   {checked.shards} shards, {checked.tokens:,} tokens, {summary['total']['bytes_per_token']} "
                f"bytes/token; every checksum OK", err=True)
@@ -119,7 +120,8 @@ def _run_stages(cfg: DemoConfig) -> Path:
 
     # 4. profile
     stage(4, f"profile: the warmed-up student against the teacher on the val split -> {root / 'profile.json'}")
-    profile = timed("profile", lambda: run_profile(cache, student, root / "profile.json"))
+    profile = timed("profile", lambda: run_profile(ProfileConfig(cache=str(cache), student=str(student),
+                                                                       out=str(root / "profile.json"))))
     click.echo(format_profile_table(profile), err=True)
 
     # 5. train each method for the same steps
@@ -136,7 +138,7 @@ def _run_stages(cfg: DemoConfig) -> Path:
         shutil.copyfile(ddk_run / png, root / png)
     _plot_val_ppl(profile, evals, root / "val_ppl.png")
     report = _report(cfg, summary, checked.bytes, stats, seconds, profile, evals,
-                     _read_metrics(ddk_run / "metrics.jsonl"))
+                     read_metrics(ddk_run / "metrics.jsonl"))
     (root / "report.md").write_text(report)
     click.echo(_ppl_table(profile, evals), err=True)
     return root / "report.md"
@@ -144,8 +146,6 @@ def _run_stages(cfg: DemoConfig) -> Path:
 
 def _train(cfg) -> dict:
     """run_train, kept when finished (eval.json there), resumed when a checkpoint exists, else started anew."""
-    from trainer.train import latest_checkpoint, run_train
-
     run = Path(cfg.out)
     if (run / "eval.json").exists():
         log.info("%s is finished: kept", run)
@@ -158,10 +158,6 @@ def _train(cfg) -> dict:
 
 def _slug(name: str) -> str:
     return name.lower().replace("+", "-")
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _ppl_rows(profile: dict, evals: dict) -> list[tuple[str, dict]]:

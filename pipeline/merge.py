@@ -2,19 +2,24 @@
 single-worker capture (same shards, same bytes, same manifest). Parts and output are paths or URLs (s3://...):
 every shard is copied and read back before the manifest is written."""
 
-import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
-from cache_format import MANIFEST_NAME, DomainInfo, KdcacheError, read_manifest, storage, write_manifest
-from cache_format.manifest import Manifest
-
-from .capture import CONFIG_NAME
+from cache_format import DomainInfo, KdcacheError, Manifest, commit_cache, read_manifest, storage
 
 log = logging.getLogger("kdcache")
 
 
-def run_merge(parts: list[str], out: str) -> str:
+@dataclass(frozen=True)
+class MergeConfig:
+    parts: tuple[str, ...]      # the worker outputs (paths or URLs), in any order
+    out: str                    # a new or empty directory (or URL)
+
+
+def run_merge(cfg: MergeConfig) -> str:
+    """Check that cfg.parts are every worker of one capture, then commit the merged cache to cfg.out; returns it.
+    The resolved config is the capture's (capture_config.json beside the manifest)."""
+    parts, out = list(cfg.parts), cfg.out
     manifests = [read_manifest(p) for p in parts]                # refuses unfinished parts
     n = manifests[0].capture_config.get("num_workers")
     indices = sorted(m.capture_config.get("worker_index") for m in manifests)
@@ -50,38 +55,9 @@ def run_merge(parts: list[str], out: str) -> str:
                       top_k=manifests[0].top_k, seq_len=manifests[0].seq_len, codec=manifests[0].codec,
                       split=manifests[0].split, splits=splits, capture_config=base,
                       created_by=manifests[0].created_by)
-    _commit(list(zip(parts, manifests)), out, json.dumps(identity, indent=2, sort_keys=True).encode(), merged)
+    commit_cache(list(zip(parts, manifests)), out, identity, merged)
     log.info("merged %d parts into %s: %d shards", len(parts), out, len(merged.shards()))
     return out
-
-
-def publish(src: str, out: str) -> str:
-    """Copy a finished local cache (capture's staging directory) to `out`, a path or URL (s3://...), with the same
-    commit rule: shards read back and checked, manifest last. Nothing to do if `out` already holds this cache."""
-    manifest = read_manifest(src)
-    dst_fs, dst = storage.resolve(out)
-    ours = (Path(src) / MANIFEST_NAME).read_bytes()
-    if storage.size(dst_fs, storage.join(dst, MANIFEST_NAME)) is not None:
-        if storage.read_bytes(dst_fs, storage.join(dst, MANIFEST_NAME)) != ours:
-            raise KdcacheError(f"--out {out}: holds another cache (its {MANIFEST_NAME} differs); choose another --out")
-        log.info("%s already holds this cache: nothing to upload", out)
-        return out
-    _commit([(src, manifest)], out, (Path(src) / CONFIG_NAME).read_bytes(), manifest)
-    log.info("uploaded %s to %s: %d shards, each read back and checked", src, out, len(manifest.shards()))
-    return out
-
-
-def _commit(parts: list[tuple[str, Manifest]], out: str, capture_config: bytes, manifest: Manifest) -> None:
-    """Copy every part's shards to `out` (each read back: CacheError if its sha256 differs), then
-    capture_config.json, then manifest.json: the commit point."""
-    dst_fs, dst = storage.resolve(out)
-    for part, m in parts:
-        src_fs, src = storage.resolve(part)
-        for s in m.shards():
-            storage.upload(src_fs, storage.join(src, s.path), dst_fs, storage.join(dst, s.path), s.sha256,
-                           f"{storage.join(part, s.path)} -> {storage.join(out, s.path)}")
-    storage.write_bytes(dst_fs, storage.join(dst, CONFIG_NAME), capture_config)
-    write_manifest(out, manifest)
 
 
 def _identity(m: Manifest) -> dict:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.cli import option_args  # noqa: E402
+from pipeline.options import option_args  # noqa: E402
+from trainer.run_dir import read_metrics  # noqa: E402
 
 DOMAINS = ("code", "data", "prose", "arith")
 
@@ -98,15 +99,8 @@ def eval_json(cache: Path, student: Path, env: dict, logfile: Path) -> dict:
 
 
 def train_fields() -> set[str]:
-    from trainer.train import TrainConfig
+    from trainer.config import TrainConfig
     return {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def avg_ppl(report: dict, domains) -> float:
@@ -238,7 +232,7 @@ def main() -> None:
         log(f"[train] {name} (seed {seed}): kdcache train {' '.join(option_args(options))}")
 
         def progress(s):
-            recs = read_metrics(run)
+            recs = read_metrics(run / "metrics.jsonl")
             if recs:
                 r = recs[-1]
                 w = " ".join(f"{d}={v:.2f}" for d, v in r.get("domain_weights", {}).items())
@@ -270,7 +264,7 @@ def main() -> None:
             rep = eval_json(cache, run / "final", env, run.parent / f"{run.name}.eval.log")
             reports.append(rep)
             secs.append(sec)
-            metrics.append(read_metrics(run))
+            metrics.append(read_metrics(run / "metrics.jsonl"))
             done += 1
             log(f"  [{name}] seed {seed}: {sec:.0f}s; val ppl " + " ".join(
                 f"{d} {rep['domains'][d]['ppl']:.2f}" for d in domains) + f"; avg {avg_ppl(rep, domains):.3f}   "

@@ -82,12 +82,14 @@ def build(root: Path, vocab: int, hidden: int, layers: int, seq_len: int, k: int
 
 def speed(root: Path, student: Path, cache: Path, variant: str, round_: int, args) -> list[dict]:
     """The metrics records of one run after its first two steps."""
-    from trainer.train import TrainConfig, run_train
+    from trainer.config import TrainConfig
+    from trainer.run_dir import read_metrics
+    from trainer.train import run_train
     run = root / f"run-{variant}-{round_}"
     run_train(TrainConfig(cache=str(cache), student=str(student), out=str(run), steps=args.steps,
                           batch_size=args.batch_size, chunk_size=args.chunk_size, eval_rows=0, log_every=1,
                           ddk_interval=args.ddk_interval, ddk_val_rows=4, **VARIANTS[variant]))
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    return read_metrics(run / "metrics.jsonl")[1:]
 
 
 def memory(student: Path, cache: Path, variant: str, args) -> float:
@@ -97,7 +99,8 @@ def memory(student: Path, cache: Path, variant: str, args) -> float:
     from cache_format import open_cache
     from trainer.data import CacheStream
     from trainer.student import load_student
-    from trainer.train import TrainConfig, _micro_step
+    from trainer.config import TrainConfig
+    from trainer.train import _Distiller, _micro_step
 
     c = open_cache(cache)
     model, _ = load_student(str(student), c.manifest, dtype=torch.float32)
@@ -108,6 +111,8 @@ def memory(student: Path, cache: Path, variant: str, args) -> float:
     cfg = TrainConfig(cache=str(cache), student=str(student), out="unused", chunk_size=args.chunk_size,
                       **VARIANTS.get(variant, {}))
 
+    distiller = _Distiller(model, c.manifest.tokenizer.vocab_size, cfg.chunk_size, buckets=cfg.loss != "ce")
+
     def step():
         if variant == "naive":
             logits = model(input_ids=batch["input_ids"]).logits.float()                     # (B, T, V)
@@ -117,8 +122,7 @@ def memory(student: Path, cache: Path, variant: str, args) -> float:
             kl = torch.nn.functional.kl_div(log_q, p, reduction="none").sum(-1)              # (B, T)
             loss = kl[batch["loss_mask"]].mean()
         else:
-            loss = _micro_step(model.base_model, model.get_output_embeddings().weight, batch, cfg,
-                               c.manifest.tokenizer.vocab_size)[0]
+            loss = _micro_step(distiller, batch, cfg)[0]
         loss.backward()
         model.zero_grad(set_to_none=False)                                                   # grads stay allocated
 

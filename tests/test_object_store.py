@@ -19,9 +19,10 @@ from cache_format import CacheError, open_cache, storage
 from pipeline.capture import CaptureConfig, run_capture
 from pipeline.cli import cli
 from pipeline.corpus import DataSpec
-from pipeline.merge import run_merge
+from pipeline.merge import MergeConfig, run_merge
 from pipeline.toy import WORDS
-from trainer.train import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.train import run_train
 
 WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
 KEY, SECRET, BUCKET = "kdcache", "kdcache-secret", "kdcache"
@@ -96,7 +97,7 @@ def s3_cache(s3, toy_cache, tiny_models) -> str:
         run_capture(CaptureConfig(teacher=str(tiny_models["teacher"]), data=specs, out=url(f"part{i}"), backend="hf",
                                   top_k=16, seq_len=32, val_fraction=0.2, shard_size_mb=0.02, num_workers=2,
                                   worker_index=i))
-    run_merge([url("part0"), url("part1")], url("merged"))
+    run_merge(MergeConfig((url("part0"), url("part1")), url("merged")))
     return url("merged")
 
 
@@ -143,7 +144,7 @@ def _copy_with_a_bad_shard(s3, src: str, dst: str) -> str:
 def test_a_shard_whose_bytes_differ_is_refused_by_merge_verify_and_train(s3, s3_cache, tiny_models, tmp_path):
     bad = _copy_with_a_bad_shard(s3, url("part0"), url("part0-bad"))
     with pytest.raises(CacheError, match=f"part0-bad/{bad} -> .*sha256 is .* not committed"):
-        run_merge([url("part0-bad"), url("part1")], url("merged-bad"))
+        run_merge(MergeConfig((url("part0-bad"), url("part1")), url("merged-bad")))
     fs, path = storage.resolve(url("merged-bad"))
     assert storage.size(fs, f"{path}/manifest.json") is None                # never committed
 

@@ -6,7 +6,7 @@ Xie et al., "LLM-Oriented Token-Adaptive Knowledge Distillation" (AAAI 2026). On
           loss (Eq. 6-7): shrink r while the loss clearly falls, grow it (capped at 1) while it clearly rises.
     IDTS  gives each selected position its own temperature, lower for harder ones (Eq. 9-10).
 The temperatures go to the losses as a per-position (N,) tensor (decoupled head tempering, see trainer/losses.py);
-the caller averages the loss over the selected positions only. docs/algorithms-adakd.md lists our choices.
+the caller averages the loss over the selected positions only. docs/algorithms.md (AdaKD) lists our choices.
 """
 
 import math
@@ -31,7 +31,7 @@ def _check_latf(beta: float, eps: float, delta: float, min_ratio: float) -> None
 
 @dataclass(frozen=True)
 class AdaKDConfig:
-    """AdaKD options (defaults: the official scripts, papers.md §2.4); see docs/algorithms-adakd.md for the flags."""
+    """AdaKD options (defaults: the official scripts, papers.md §2.4); docs/algorithms.md (AdaKD) has the flags."""
 
     latf: bool = True               # token selection by difficulty (off: every valid position is distilled)
     idts: bool = True               # per-token temperatures (off: tau_base everywhere)
@@ -54,9 +54,10 @@ class AdaKDConfig:
 def hellinger(lp, lq, live):
     """Hellinger distance on the K+1 buckets (Eq. 3, papers.md §5.4), detached float32 (N,) in [0, 1].
 
-    lp, lq, live (N, K+1) from trainer.losses.bucket_logprobs. s = sqrt(0.5 * sum (sqrt P - sqrt Q)^2) over live
-    buckets, which equals sqrt(1 - BC) with BC = sum sqrt(P Q) on normalised buckets, but has no cancellation
-    (exactly 0 when P == Q). A lower bound of the full-vocabulary distance, exact when K = V.
+    lp, lq, live (N, K+1) from trainer.losses.chunked_buckets (or bucket_logprobs, its full-logits reference).
+    s = sqrt(0.5 * sum (sqrt P - sqrt Q)^2) over live buckets, which equals sqrt(1 - BC) with BC = sum sqrt(P Q) on
+    normalised buckets, but has no cancellation (exactly 0 when P == Q). A lower bound of the full-vocabulary
+    distance, exact when K = V.
     """
     diff = torch.where(live, (0.5 * lp.float()).exp() - (0.5 * lq.float()).exp(), 0.0)    # (N, K+1)
     return (0.5 * diff.square().sum(-1)).sqrt().clamp_max(1.0)                        # (N,)
@@ -155,19 +156,18 @@ class LATF:
 def adakd_token_weights(lp, lq, live, mask, ratio: float, cfg: AdaKDConfig):
     """Difficulty -> LATF selection -> IDTS temperature for one micro-batch, flattened to N positions.
 
-    lp, lq, live (N, K+1) from bucket_logprobs, mask (N,) bool (valid positions), ratio from LATF.
-    Returns (selected (N,) bool, tau (N,) float32, stats). selected is `mask` when cfg.latf is off; tau is always a
-    tensor (tau_base everywhere when cfg.idts is off). The caller averages the KD loss over `selected` (Eq. 4).
+    lp, lq, live (N, K+1) from chunked_buckets (or bucket_logprobs), mask (N,) bool (valid positions), ratio from
+    LATF.
+    Returns (selected (N,) bool, tau, stats). selected is `mask` when cfg.latf is off; tau is the (N,) float32 IDTS
+    temperatures, or the float tau_base when cfg.idts is off (the losses' untempered fast path at 1): pass it to the
+    loss as it is. The caller averages the KD loss over `selected` (Eq. 4).
     stats are detached 0-dim float32 tensors (one host sync for all of them): focus_ratio (the r used, 1 without
     LATF), selected_tokens, tau_mean / tau_min / tau_max over the selected positions (tau_base if none) and
     difficulty_mean over the valid positions (0 if none).
     """
     scores = hellinger(lp, lq, live)                                                  # (N,)
     selected = select_hardest(scores, mask, ratio) if cfg.latf else mask.clone()
-    if cfg.idts:
-        tau = idts_temperature(scores, selected, cfg.tau_base, cfg.c)                # (N,)
-    else:
-        tau = torch.full_like(scores, cfg.tau_base)
+    tau = idts_temperature(scores, selected, cfg.tau_base, cfg.c) if cfg.idts else cfg.tau_base   # (N,) or float
     n_sel, any_sel = selected.sum(), selected.any()
     tau_stat = lambda v: torch.where(any_sel, v, cfg.tau_base)
     stats = {

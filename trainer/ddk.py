@@ -10,9 +10,16 @@ student has ratios in the hundreds and a literal exp() overflows (papers.md §1.
 the caller's domain order.
 """
 
+import math
+
 import numpy as np
 
-MAX_LOG_RATIO = 700.0   # exp(700) ~ 1e304: keeps a ratio finite in float64 whatever the CE gap
+MAX_LOG_PPL = 700.0     # exp(700) ~ 1e304: a perplexity or a ratio of two stays finite in float64 (and in JSON)
+
+
+def perplexity(ce: float) -> float:
+    """exp(mean token CE), capped at exp(MAX_LOG_PPL)."""
+    return math.exp(min(ce, MAX_LOG_PPL))
 
 
 def check_alpha(alpha: float) -> float:
@@ -53,9 +60,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def perplexity_ratio(student_ce, teacher_ce) -> np.ndarray:
     """l_S / l_T per domain = exp(student_ce - teacher_ce) (perplexity = exp(mean token CE)); (N,) float64.
 
-    The log-ratio is capped at MAX_LOG_RATIO so the ratio stays finite."""
+    The log-ratio is capped at MAX_LOG_PPL so the ratio stays finite."""
     s, t = check_ce(student_ce, teacher_ce)
-    return np.exp(np.minimum(s - t, MAX_LOG_RATIO))
+    return np.exp(np.minimum(s - t, MAX_LOG_PPL))
 
 
 def initial_weights(student_ce, teacher_ce) -> np.ndarray:

@@ -13,16 +13,43 @@ Rows are read in cache order (domains sorted, shards and row groups in manifest 
 trainer.data.collate; one batch's logits exist at a time and the losses are computed in chunks of positions.
 """
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
-from cache_format import Cache, CacheError, KdcacheError
+from cache_format import Cache, CacheError, KdcacheError, open_cache, storage
 from trainer.data import check_cache, collate
+from trainer.ddk import perplexity
 from trainer.distributed import Dist, all_reduce_sum
 from trainer.losses import LOSSES, cross_entropy
+from trainer.student import load_student
 
 KEYS = ("student_ce", "teacher_ce", "kl", "ppl")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    cache: str
+    student: str
+    split: str = "val"
+    batch_size: int = 8
+    max_rows_per_domain: int | None = None   # None: every row
+    out: str | None = None                   # also write the report, with this config, as JSON here
+    device: str | None = None                # None: cuda if available, else cpu
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """`kdcache eval`: load the student (its tokenizer checked against the cache's) and return evaluate()'s report;
+    with cfg.out, also write it there (atomically) with the config under "config"."""
+    cache = open_cache(cfg.cache)
+    model, _ = load_student(cfg.student, cache.manifest, cfg.device)
+    report = evaluate(cache, model, split=cfg.split, batch_size=cfg.batch_size,
+                      max_rows_per_domain=cfg.max_rows_per_domain)
+    if cfg.out:
+        storage.write_json(cfg.out, {**report, "config": dataclasses.asdict(cfg)})
+    return report
 
 
 def _batches(cache: Cache, split: str, domain: str, batch_size: int, max_rows: int | None, ranks: Dist):
@@ -111,7 +138,7 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
                 n = int(n)
             stats = {"tokens": n, "student_ce": s_ce / max(n, 1), "teacher_ce": t_ce / max(n, 1),
                      "kl": kl / max(n, 1)}
-            stats["ppl"] = math.exp(min(stats["student_ce"], 700.0))
+            stats["ppl"] = perplexity(stats["student_ce"])
             report["domains"][domain] = stats
     finally:
         model.train(was_training)

@@ -33,6 +33,7 @@ from cache_format import KdcacheError
 
 NEG_INF = float("-inf")
 TINY = torch.finfo(torch.float32).tiny
+FAR_TAIL = -64.0        # nats: a tail max further below the row max gets its own shift (_StudentBuckets)
 
 
 def bucket_logprobs(student_logits, topk_ids, topk_logprobs):
@@ -40,9 +41,11 @@ def bucket_logprobs(student_logits, topk_ids, topk_logprobs):
 
     Returns (lp, lq, live), each (N, K+1). `live` marks buckets that exist: valid (finite) slots, and the tail
     unless the valid ids cover the whole vocabulary; dead buckets hold 0 and must be masked by the caller.
-    The teacher's head is renormalised if rounding pushed its mass above 1, and a live tail gets at least
-    float32's smallest normal mass so that reverse-style terms stay finite. This is the reference form on full
-    logits; chunked_buckets computes the same from hidden states without keeping (N, V) logits.
+    The teacher's head is renormalised if rounding (e.g. bf16 log-probs) pushed its mass above 1, or away from 1
+    when the tail is empty, and a live tail gets at least float32's smallest normal mass so that reverse-style
+    terms stay finite. The student's tail is a logsumexp over its own logits, exact however far below the max
+    they lie. This is the reference form on full logits; chunked_buckets computes the same from hidden states
+    without keeping (N, V) logits.
     """
     z = student_logits.float()                                                      # (N, V)
     ids = topk_ids.long()                                                           # (N, K)
@@ -61,7 +64,8 @@ def _teacher_buckets(topk_logprobs, tail_live):
     valid = lt != NEG_INF                                                           # (N, K)
     log_head = torch.where(valid, lt, NEG_INF).logsumexp(-1, keepdim=True)         # (N, 1) log sum_k p_k
     p_tail = (-torch.expm1(log_head)).clamp_min(TINY)                               # (N, 1)
-    lp = torch.cat([lt - log_head.clamp_min(0), p_tail.log()], -1)                  # (N, K+1)
+    norm = torch.where(tail_live.reshape(-1, 1), log_head.clamp_min(0), log_head)   # (N, 1) no tail: head sums to 1
+    lp = torch.cat([lt - norm, p_tail.log()], -1)                                   # (N, K+1)
     live = torch.cat([valid, tail_live.reshape(-1, 1)], -1)                         # (N, K+1)
     return torch.where(live, lp, 0.0), live
 
@@ -272,8 +276,14 @@ class _StudentBuckets(torch.autograd.Function):
     forward(h (n, D), w (V, D), ids (n, K), valid (n, K), targets (n,)) -> (lq (n, K+1), ce (n,), tail_live (n,));
     a target of -100 (or any negative) gives ce 0 and no gradient, like cross_entropy's ignore_index;
     lq = log-probs of the K ids (0 where not valid) and of the tail (0 where the tail is empty); matmuls in h's dtype.
-    Backward, with q = softmax(z), G = sum_k g_k, q_tail the tail mass:
-        dz_v = q_v (g_ce - G - g_tail) + [v not in S] q_v g_tail / q_tail + [v = s_k] g_k - [v = target] g_ce
+    The tail is live unless the valid ids (distinct) cover all V rows of w, as in bucket_logprobs. Its log-sum
+    lt = logsumexp(z over V \\ S) is exact however far below the max the tail lies: a row whose tail max is more than
+    -FAR_TAIL nats below its max (there exp(z - max) is subnormal or 0 on the whole tail) shifts the exponentials by
+    the tail max and gets log Z = logaddexp(logsumexp(z_S), lt); other rows shift by the row max, as before.
+    Backward, with q = softmax(z), G = sum_k g_k, q_tail the tail mass and a = g_ce - G - g_tail:
+        dz_v = q_v a + [v not in S] q_v g_tail / q_tail + [v = s_k] g_k - [v = target] g_ce
+    computed as exp(z_v - lt) (g_tail + a q_tail) on V \\ S (q_v / q_tail relative to the tail's own log-sum) and
+    q_k a + g_k on the K ids: no underflow of q_v, and no cancellation of two O(g_tail / q_tail) terms on S.
     """
 
     @staticmethod
@@ -281,35 +291,45 @@ class _StudentBuckets(torch.autograd.Function):
         w_c = w.to(h.dtype)
         z = (h @ w_c.T).float()                                                     # (n, V)
         z_s, z_t = z.gather(-1, ids), z.gather(-1, targets.clamp_min(0)[:, None])[:, 0]  # (n, K), (n,)
+        tail_live = valid.sum(-1) < z.shape[1]                                      # (n,) valid ids are distinct
         m = z.amax(-1, keepdim=True)                                                # (n, 1)
-        e = z.sub_(m).exp_()                                                        # (n, V) in place: exp(z - m)
-        log_sum = e.sum(-1).log()                                                   # (n,)
+        z.scatter_reduce_(-1, ids, torch.where(valid, NEG_INF, math.inf), "amin")   # valid ids -> -inf
+        m_tail = z.amax(-1, keepdim=True)                                           # (n, 1) max over V \ S
+        far = tail_live[:, None] & (m_tail < m + FAR_TAIL)                          # (n, 1)
+        z.scatter_reduce_(-1, ids, torch.where(valid & ~far, z_s, NEG_INF), "amax")  # restore S, not in far rows
+        shift = torch.where(far, m_tail, m)                                         # (n, 1)
+        e = z.sub_(shift).exp_()                                                    # (n, V) in place: exp(z - shift)
+        log_sum = e.sum(-1).log()                                                   # (n,) far rows: the tail only
         e.scatter_reduce_(-1, ids, (~valid).float(), "prod")                        # zero the valid ids only
         log_tail = e.sum(-1).log()                                                  # (n,) -inf when empty
         del z, e
-        log_z = m[:, 0] + log_sum                                                   # (n,)
-        lq_tail = log_tail - log_sum                                                # (n,)
-        tail_live = torch.isfinite(lq_tail)
+        far, shift = far[:, 0], shift[:, 0]
+        lt = shift + log_tail                                                       # (n,) logsumexp over V \ S
+        log_z = torch.where(far, torch.logaddexp(torch.where(valid, z_s, NEG_INF).logsumexp(-1), lt),
+                            shift + log_sum)                                        # (n,)
+        lq_tail = torch.where(far, lt - log_z, log_tail - log_sum)                  # (n,)
         lq = torch.cat([torch.where(valid, z_s - log_z[:, None], 0.0),
                         torch.where(tail_live, lq_tail, 0.0)[:, None]], -1)         # (n, K+1)
-        ctx.save_for_backward(h, w, ids, valid, targets, log_z, lq, tail_live)
+        ctx.save_for_backward(h, w, ids, valid, targets, lq, tail_live, lt)
         ctx.mark_non_differentiable(tail_live)
         return lq, torch.where(targets >= 0, log_z - z_t, 0.0), tail_live         # target -100: no CE
 
     @staticmethod
     def backward(ctx, g_lq, g_ce, _):
-        h, w, ids, valid, targets, log_z, lq, tail_live = ctx.saved_tensors
+        h, w, ids, valid, targets, lq, tail_live, lt = ctx.saved_tensors
         K = ids.shape[1]
         g_head = torch.where(valid, g_lq[:, :K], 0.0)                              # (n, K)
         g_ce = torch.where(targets >= 0, g_ce, 0.0)                                 # (n,)
         g_tail = torch.where(tail_live, g_lq[:, K], 0.0)                           # (n,)
-        # q_v g_tail / q_tail for the tail ids; exp(-lq_tail) clamped so it stays finite in float32
-        g_over_tail = g_tail * torch.exp(-lq[:, K].clamp_min(-80.0))               # (n,)
-        w_c = w.to(h.dtype)
-        q = (h @ w_c.T).float().sub_(log_z[:, None]).exp_()                         # (n, V) softmax, recomputed
+        a = g_ce - g_head.sum(-1) - g_tail                                          # (n,)
         q_s = torch.where(valid, lq[:, :K].exp(), 0.0)                              # (n, K)
-        dz = q.mul_((g_ce - g_head.sum(-1) - g_tail + g_over_tail)[:, None])        # (n, V) in place
-        dz.scatter_add_(-1, ids, g_head - q_s * g_over_tail[:, None])               # the K ids are not tail
+        q_tail = torch.where(tail_live, lq[:, K].exp(), 0.0)                        # (n,)
+        w_c = w.to(h.dtype)
+        z = (h @ w_c.T).float()                                                     # (n, V) recomputed
+        z.scatter_reduce_(-1, ids, torch.where(valid, NEG_INF, math.inf), "amin")   # valid ids -> -inf
+        dz = z.sub_(torch.where(tail_live, lt, 0.0)[:, None]).exp_()                # (n, V) q_v / q_tail, 0 on S
+        dz.mul_((g_tail + a * q_tail)[:, None])                                     # the tail ids done
+        dz.scatter_add_(-1, ids, g_head + q_s * a[:, None])                         # the K ids (0 for padded slots)
         dz.scatter_add_(-1, targets.clamp_min(0)[:, None], -g_ce[:, None])
         dz = dz.to(h.dtype)
         return dz @ w_c, (dz.T @ h).to(w.dtype), None, None, None
@@ -350,10 +370,22 @@ def chunked_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, mask,
     if loss_fn == "ce":
         _, ce = chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size, vocab_size,
                                 buckets=False)
-        loss = masked_mean(ce, mask)
-        return loss, {"kd_loss": torch.zeros_like(loss).detach(), "ce_loss": loss.detach()}
-    kd_fn = BUCKET_LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
-    buckets, ce = chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size, vocab_size)
-    kd = kd_fn(*buckets, temperature, **params)                                     # (N,)
-    loss = masked_mean(kd_weight * kd + ce_weight * ce, mask)
-    return loss, {"kd_loss": masked_mean(kd, mask).detach(), "ce_loss": masked_mean(ce, mask).detach()}
+        kd, kd_weight, ce_weight = torch.zeros_like(ce), 0.0, 1.0
+    else:
+        kd_fn = BUCKET_LOSSES[loss_fn] if isinstance(loss_fn, str) else loss_fn
+        buckets, ce = chunked_buckets(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, chunk_size,
+                                      vocab_size)
+        kd = kd_fn(*buckets, temperature, **params)                                 # (N,)
+    loss, kd_loss, ce_loss, _ = kd_ce_objective(kd, ce, mask, mask, kd_weight, ce_weight)
+    return loss, {"kd_loss": kd_loss, "ce_loss": ce_loss}
+
+
+def kd_ce_objective(kd, ce, kd_mask, mask, kd_weight: float, ce_weight: float):
+    """The training objective, kd_weight * mean of kd over kd_mask + ce_weight * mean of ce over mask (DDK's Eq. 3
+    with kd_weight = gamma; AdaKD's Eq. 4 with kd_mask = LATF's selection). kd, ce, kd_mask, mask (N,).
+    Returns (loss, kd_loss, ce_loss, per_position (N,)): the two means and per_position, each position's share
+    kd_weight * kd + ce_weight * ce over its masks, detached (per-row and per-domain statistics)."""
+    kd_loss, ce_loss = masked_mean(kd, kd_mask), masked_mean(ce, mask)
+    loss = kd_weight * kd_loss + ce_weight * ce_loss
+    per_position = kd_weight * torch.where(kd_mask, kd, 0.0) + ce_weight * torch.where(mask, ce, 0.0)
+    return loss, kd_loss.detach(), ce_loss.detach(), per_position.detach()

@@ -4,16 +4,28 @@ from pathlib import Path
 
 import matplotlib
 
+from cache_format.storage import atomic_path
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
+
+
+def plot_run(run: Path, records: list[dict]) -> None:
+    """A run's PNGs from its metrics.jsonl records: loss.png, domain_loss.png, domain_weights.png (+ adakd.png)."""
+    if not records:
+        return
+    plot_losses(records, run / "loss.png")
+    plot_domain_losses(records, run / "domain_loss.png")
+    plot_domain_weights(records, run / "domain_weights.png")
+    if "focus_ratio" in records[0]:
+        plot_adakd(records, run / "adakd.png")
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

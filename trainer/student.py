@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cache_format import KdcacheError, Manifest, tokenizer_fingerprint
+from cache_format import KdcacheError, Manifest, tokenizer_fingerprint, weights_fingerprint
 
 
 def resolve_device(device=None) -> torch.device:
@@ -84,3 +84,11 @@ def load_student(path: str, manifest: Manifest, device=None, dtype=None):
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     check_student_vocab(model, manifest, str(path))
     return model.to(dev).eval(), tokenizer
+
+
+def student_fingerprint(path) -> str:
+    """files_fingerprint of the student's config.json and weight files; KdcacheError if they cannot be read."""
+    try:
+        return weights_fingerprint(str(path))
+    except OSError as e:
+        raise KdcacheError(f"{path}: cannot fingerprint the student's weights ({e.strerror}: {e.filename})") from None

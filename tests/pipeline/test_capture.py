@@ -1,4 +1,5 @@
-"""kdcache capture end to end with the HF engine: content, resume after kill -9, workers + merge, bad input."""
+"""kdcache capture end to end with the HF engine: content, resume after kill -9, bad input (workers + merge:
+test_merge.py)."""
 
 import json
 import os
@@ -159,21 +160,6 @@ def test_resume_after_kill_equals_uninterrupted(hf_cache, tiny_models, corpus, t
     assert shard_digests(out) == shard_digests(hf_cache)
     assert json.loads((out / "manifest.json").read_text())["splits"] == \
         json.loads((hf_cache / "manifest.json").read_text())["splits"]
-
-
-def test_two_workers_and_merge_equal_one_worker(hf_cache, tiny_models, corpus, tmp_path):
-    for i in range(2):
-        r = kdcache(*capture_args(tiny_models, corpus, tmp_path / f"part{i}", "--num-workers", 2, "--worker-index", i))
-        assert r.returncode == 0, r.stderr
-    parts = [shard_digests(tmp_path / f"part{i}") for i in range(2)]
-    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])       # disjoint, both did work
-    r = kdcache("merge", tmp_path / "part0", tmp_path / "part1", "--out", tmp_path / "merged")
-    assert r.returncode == 0, r.stderr
-    verify_cache(tmp_path / "merged")
-    assert (tmp_path / "merged" / "manifest.json").read_text() == (hf_cache / "manifest.json").read_text()
-    assert shard_digests(tmp_path / "merged") == shard_digests(hf_cache)
-    r = kdcache("merge", tmp_path / "part0", "--out", tmp_path / "m2")
-    assert r.returncode == 1 and "worker indices" in r.stderr
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:

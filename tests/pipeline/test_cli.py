@@ -81,3 +81,52 @@ def test_eval_command_on_a_captured_cache(tiny_models, tmp_path):
     assert r.returncode == 0 and "mean" in r.stdout
     r = kdcache("eval", "--cache", str(cache), "--student", str(tmp_path / "nope"))
     assert r.returncode == 1 and r.stderr.startswith("Error: ") and "nope" in r.stderr
+
+
+def test_eval_out_writes_the_report_with_its_config(toy_cache, tiny_models, tmp_path):
+    out = tmp_path / "eval.json"
+    r = kdcache("eval", "--cache", str(toy_cache), "--student", str(tiny_models["student"]), "--json",
+                "--max-rows-per-domain", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(out.read_text())
+    assert {k: v for k, v in saved.items() if k != "config"} == json.loads(r.stdout)
+    assert saved["config"]["max_rows_per_domain"] == 2 and saved["config"]["student"] == str(tiny_models["student"])
+
+
+def files_under(path) -> list[str]:
+    return sorted(str(p) for p in path.rglob("*"))
+
+
+def test_capture_dry_run_prints_the_plan_and_writes_nothing(tiny_models, tmp_path):
+    from pipeline.toy import write_toy_corpus
+
+    specs = write_toy_corpus(tmp_path / "corpus", 30, seed=2)
+    data = [a for s in specs for a in ("--data", f"{s.domain}={s.path}")]
+    args = ["capture", "--teacher", str(tiny_models["teacher"]), *data, "--backend", "hf", "--seq-len", "32",
+            "--shard-size-mb", "0.01", "--top-k", "8"]
+    before = files_under(tmp_path)
+    r = kdcache(*args, "--out", str(tmp_path / "cache"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert files_under(tmp_path) == before                                  # nothing written, not even --out
+    plan = dict(line.split(None, 1) for line in r.stdout.splitlines()[1:] if line[0] != " " and " " in line)
+    r = kdcache(*args, "--out", str(tmp_path / "cache"))                     # the real capture agrees with the plan
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(kdcache("inspect", str(tmp_path / "cache"), "--json").stdout)["total"]
+    assert plan["tokens"] == f"{summary['tokens']:,}" and plan["rows"] == f"{summary['rows']:,}"
+    assert "complete (nothing to do)" in kdcache(*args, "--out", str(tmp_path / "cache"), "--dry-run").stdout
+    r = kdcache(*args, "--out", str(tmp_path / "cache"), "--top-k", "4", "--dry-run")      # refused as a run would be
+    assert r.returncode == 1 and r.stderr.startswith("Error: ") and "other settings" in r.stderr
+
+
+def test_train_dry_run_checks_the_inputs_and_writes_nothing(toy_cache, tiny_models, tmp_path):
+    args = ["train", "--cache", str(toy_cache), "--student", str(tiny_models["student"]), "--steps", "10",
+            "--batch-size", "4", "--grad-accum", "2", "--dry-run"]
+    r = kdcache(*args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "run").exists()
+    assert "tokens                             2,560" in r.stdout                 # 10 steps x 8 rows x 32 tokens
+    assert "total bytes" in r.stdout and "epochs per domain" in r.stdout
+    r = kdcache(*args, "--out", str(tmp_path / "run"), "--student", str(tmp_path / "missing"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: ")
+    r = kdcache(*args, "--out", str(tmp_path / "run"), "--resume")
+    assert r.returncode == 1 and "holds no training run" in r.stderr

@@ -152,9 +152,9 @@ def test_load_mixture(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    (None, "cannot read mixture file"),
+    (None, "cannot read"),
     ("data: {code: [a, b\n", "invalid YAML"),
-    ("- code: a\n", "mapping with a `data:` key"),
+    ("- code: a\n", "expected a mapping"),
     ("datas: {code: a}\n", "mapping with a `data:` key"),
     ("data: code.jsonl\n", "must map domain"),
     ("data: [{domain: code}]\n", "must map domain"),

@@ -8,12 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.trainer.test_losses import as_product, far_tail_case, in_support, ref_buckets
 from trainer.adakd import LATF, AdaKDConfig, adakd_token_weights, hellinger, idts_temperature, select_hardest
-from trainer.losses import LOSSES, bucket_logprobs
+from trainer.losses import LOSSES, bucket_logprobs, chunked_buckets
 
 
-def buckets(seed, N=8, V=12, K=5, scale=2.0, padded=0):
-    """(lp, lq, live) of a random teacher top-K (plus `padded` -inf slots) and student, and both full log-probs."""
+def buckets(seed, N=8, V=12, K=5, scale=2.0, padded=0, gap=0.0, dtype=torch.float32, chunked=False):
+    """(lp, lq, live) of a random teacher top-K (plus `padded` -inf slots) and student, and the teacher's full
+    log-probs and the student's logits (in `dtype`). gap: the student's logits outside the teacher's ids are pushed
+    that many nats down. chunked: the buckets from chunked_buckets (as training), else from bucket_logprobs."""
     g = torch.Generator().manual_seed(seed)
     t_logp = (torch.randn(N, V, generator=g) * scale).log_softmax(-1)
     s_logits = torch.randn(N, V, generator=g) * scale
@@ -21,6 +24,9 @@ def buckets(seed, N=8, V=12, K=5, scale=2.0, padded=0):
     lps = t_logp.gather(-1, ids)
     ids = torch.cat([ids, torch.zeros(N, padded, dtype=ids.dtype)], -1)
     lps = torch.cat([lps, torch.full((N, padded), -math.inf)], -1)
+    s_logits = torch.where(in_support(ids, lps, V), s_logits, s_logits - gap).to(dtype)   # (N, V)
+    if chunked:
+        return chunked_buckets(*as_product(s_logits), ids, lps, torch.zeros(N, dtype=torch.long))[0], t_logp, s_logits
     return bucket_logprobs(s_logits, ids, lps), t_logp, s_logits
 
 
@@ -34,15 +40,32 @@ def full_hellinger(t_logp, s_logits):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), V=st.integers(2, 20), k_frac=st.floats(0.05, 1.0),
-       scale=st.sampled_from([0.1, 2.0, 50.0]), padded=st.integers(0, 2))
-def test_hellinger_in_unit_interval_and_below_full(seed, V, k_frac, scale, padded):
+       scale=st.sampled_from([0.1, 2.0, 50.0]), padded=st.integers(0, 2), gap=st.sampled_from([0.0, 120.0, 1e4]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_hellinger_in_unit_interval_and_below_full(seed, V, k_frac, scale, padded, gap, dtype):
     K = max(1, round(k_frac * V))
-    (lp, lq, live), t_logp, s_logits = buckets(seed, V=V, K=K, scale=scale, padded=padded)
+    kw = dict(V=V, K=K, scale=scale, padded=padded, gap=gap, dtype=dtype)
+    (lp, lq, live), t_logp, s_logits = buckets(seed, **kw)
     s = hellinger(lp, lq, live)
     assert s.dtype == torch.float32 and s.shape == (8,)
     assert ((s >= 0) & (s <= 1)).all()
     # buckets give a lower bound, up to float32 rounding of the teacher's tail mass (~6e-8, sqrt'ed: ~2e-4)
     assert (s.double() <= full_hellinger(t_logp, s_logits) + 3e-4).all()
+    # training scores the buckets of chunked_buckets: the same, however far below the max the student's tail lies
+    torch.testing.assert_close(hellinger(*buckets(seed, chunked=True, **kw)[0]), s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", [-120.0, -300.0, -1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_hellinger_far_student_tail(tail, dtype):
+    """The student's tail > 103 nats below its max: still a live bucket, on both paths (float64 reference)."""
+    s_logits, ids, lps, targets = far_tail_case(tail)
+    s_logits = s_logits.to(dtype)
+    P, Q = ref_buckets(s_logits, ids, lps)                                          # (N, K+1) float64
+    expected = ((P.sqrt() - Q.sqrt()).square().sum(-1) / 2).sqrt()
+    chunked = chunked_buckets(*as_product(s_logits), ids, lps, targets, chunk_size=2)[0]
+    for lp, lq, live in (bucket_logprobs(s_logits, ids, lps), chunked):
+        torch.testing.assert_close(hellinger(lp, lq, live).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hellinger_equals_full_vocabulary_when_k_is_v():
@@ -159,11 +182,12 @@ def test_constant_temperature_tensor_equals_scalar_in_every_loss(name, tau_base)
     (lp, lq, live), t_logp, s_logits = buckets(4, V=16, K=5, padded=1)
     ids = t_logp.argsort(-1, descending=True)[:, :5]
     mask = torch.ones(8, dtype=torch.bool)
-    for cfg in (AdaKDConfig(idts=False, tau_base=tau_base), AdaKDConfig(c=0.0, tau_base=tau_base)):
-        _, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, cfg)
-        assert tau.shape == (8,) and tau.dtype == torch.float32
-        out = LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau)
-        assert torch.allclose(out, LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau_base))
+    _, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(c=0.0, tau_base=tau_base))
+    assert tau.shape == (8,) and tau.dtype == torch.float32
+    out = LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau)
+    assert torch.allclose(out, LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau_base))
+    _, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(idts=False, tau_base=tau_base))
+    assert tau == tau_base                                                          # IDTS off: the scalar itself
 
 
 # ---------- adakd_token_weights ----------
@@ -184,14 +208,14 @@ def test_token_weights_switches_and_stats():
     torch.testing.assert_close(stats["difficulty_mean"], scores[mask].mean())
 
     selected, tau, stats = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(latf=False, idts=False))
-    assert torch.equal(selected, mask) and (tau == 1.0).all() and stats["focus_ratio"].item() == 1.0
+    assert torch.equal(selected, mask) and tau == 1.0 and stats["focus_ratio"].item() == 1.0
 
     selected, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(latf=False))
     assert torch.equal(selected, mask)
     torch.testing.assert_close(tau, idts_temperature(scores, mask))
 
-    selected, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(idts=False, tau_base=2.0))
-    assert int(selected.sum()) == 7 and (tau == 2.0).all()
+    selected, tau, stats = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(idts=False, tau_base=2.0))
+    assert int(selected.sum()) == 7 and tau == 2.0 and stats["tau_mean"].item() == 2.0
 
 
 def test_token_weights_empty_mask():

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from cache_format import KdcacheError, open_cache
-from trainer.train import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.train import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

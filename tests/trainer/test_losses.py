@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.losses import BUCKET_LOSSES, LOSSES, chunked_loss, cross_entropy, masked_mean
+from trainer.losses import (BUCKET_LOSSES, LOSSES, bucket_logprobs, chunked_buckets, chunked_loss, cross_entropy,
+                            masked_mean)
 
 F_DIVERGENCES = [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.5}),
                  ("jsd", {"beta": 0.9}), ("jsd", {"beta": 1.0}), ("sfkl", {}), ("sfkl", {"alpha": 0.5}),
@@ -48,14 +49,23 @@ def ref_div(name, p, q, beta=0.5, alpha=0.1, mu=0.5, tail_last=False):
     raise ValueError(name)
 
 
+def in_support(ids, logprobs, V):
+    """(N, V) bool: the ids of the valid (finite) slots, naively."""
+    return ((torch.arange(V) == ids.long()[..., None]) & (logprobs > float("-inf"))[..., None]).any(-2)
+
+
 def ref_buckets(student_logits, ids, logprobs):
-    """K+1 bucket probabilities (N, K+1) built naively in float64; padded slots get 0 on both sides."""
-    q_full = student_logits.double().softmax(-1)                                    # (N, V)
+    """K+1 bucket probabilities (N, K+1) built naively in float64; padded slots get 0 on both sides.
+
+    The student's tail is its mass on the ids outside the valid slots, not 1 - head (which cancels to 0 in float64
+    when the tail is below ~1e-16)."""
+    z = student_logits.double()                                                     # (N, V)
     valid = logprobs > float("-inf")
     p = torch.where(valid, logprobs.double().exp(), 0.0)                            # (N, K)
-    q = torch.where(valid, q_full.gather(-1, ids.long()), 0.0)                      # (N, K)
-    return (torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1),
-            torch.cat([q, (1 - q.sum(-1, keepdim=True)).clamp_min(0)], -1))
+    q = torch.where(valid, z.softmax(-1).gather(-1, ids.long()), 0.0)              # (N, K)
+    q_tail = (z.masked_fill(in_support(ids, logprobs, z.shape[-1]), float("-inf")).logsumexp(-1)
+              - z.logsumexp(-1)).exp()                                              # (N,) 0 for an empty tail
+    return torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1), torch.cat([q, q_tail[:, None]], -1)
 
 
 def ref_tempered(name, P, Q, tau, **params):
@@ -89,6 +99,43 @@ def pad(ids, logprobs, extra, seed):
     ids = torch.cat([ids, torch.zeros(N, extra, dtype=ids.dtype)], -1).gather(-1, perm)
     logprobs = torch.cat([logprobs, torch.full((N, extra), float("-inf"))], -1).gather(-1, perm)
     return ids, logprobs
+
+
+def far_tail_case(tail):
+    """Student logits whose tail (the ids outside the teacher's) lies at `tail`, far below the max.
+
+    Row 0 is the reproduction: V = 8, teacher top-2 (0.4, 0.3) on ids 0, 1 (p_tail = 0.3, a padded slot reusing id
+    0), student logits (0, -1, tail x 6); row 1 has other ids and a padded slot whose id 0 is in the tail, and its
+    target in the tail; row 2 is ordinary. Returns logits (3, 8), ids and log-probs (3, 3), targets (3,).
+    """
+    s = torch.full((3, 8), tail)
+    s[0, :2] = torch.tensor([0.0, -1.0])
+    s[1, [5, 2]] = torch.tensor([2.0, 0.5])
+    s[2] = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 1, 0], [5, 2, 0], [3, 6, 1]])
+    lp = torch.tensor([[0.4, 0.3, 0.0], [0.55, 0.3, 0.0], [0.45, 0.2, 0.1]]).log()    # log 0 = -inf: padded slot
+    return s, ids, lp, torch.tensor([0, 7, 4])
+
+
+def as_product(logits):
+    """(hidden, weight) leaves with hidden @ weight.T == logits exactly: hidden = I (N, N), weight = logits.T."""
+    return (torch.eye(logits.shape[0], dtype=logits.dtype).requires_grad_(True),
+            logits.detach().T.clone().requires_grad_(True))
+
+
+def chunked_and_reference(logits, ids, lp, targets, name, params, tau, chunk_size=2):
+    """((kd, ce, d(kd + ce)/dlogits) from chunked_buckets, the same from bucket_logprobs + cross_entropy on the full
+    logits); logits in their own dtype (the hidden and weight of chunked_buckets have it)."""
+    h, w = as_product(logits)
+    buckets, ce = chunked_buckets(h, w, ids, lp, targets, chunk_size)
+    kd = BUCKET_LOSSES[name](*buckets, tau, **params)                               # (N,)
+    g_w, = torch.autograd.grad((kd + ce).sum(), w)                                  # (V, N) = dz.T, as h = I
+    z = logits.detach().clone().requires_grad_(True)                               # (N, V)
+    zf = z.float()                                                                  # one rounding of the gradient
+    ref_kd = BUCKET_LOSSES[name](*bucket_logprobs(zf, ids, lp), tau, **params)
+    ref_ce = cross_entropy(zf, targets)
+    g_z, = torch.autograd.grad((ref_kd + ref_ce).sum(), z)
+    return (kd, ce, g_w.T), (ref_kd, ref_ce, g_z)
 
 
 def call(name, params, s, ids, lp, temperature=1.0):
@@ -195,10 +242,12 @@ def test_zero_when_student_equals_teacher(name, params, K):
 
 @pytest.mark.parametrize("name,params", ALL, ids=ids_of(ALL))
 def test_teacher_mass_above_one_is_renormalised(name, params):
-    """Rounded (e.g. bf16) teacher log-probs can sum above 1: the head is renormalised, no negative loss."""
+    """Rounded (e.g. bf16) teacher log-probs can sum above 1, or below 1 with no tail to take the rest (K = V): the
+    head is renormalised, no negative loss."""
     t_logp, ids, lp, _ = teacher_and_student(19, V=10, K=10)
-    out = call(name, params, t_logp, ids, lp + 0.02)
-    torch.testing.assert_close(out, torch.zeros(6), rtol=0, atol=2e-6)
+    for shift in (0.02, -0.02):
+        out = call(name, params, t_logp, ids, lp + shift)
+        torch.testing.assert_close(out, torch.zeros(6), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("name,params", F_DIVERGENCES, ids=ids_of(F_DIVERGENCES))
@@ -393,3 +442,49 @@ def test_chunked_ignores_negative_targets_like_cross_entropy():
     torch.testing.assert_close(loss, ref)
     for a, b in zip(torch.autograd.grad(loss, (hidden, w)), torch.autograd.grad(ref, (hidden, w))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=ids_of(ALL))
+@pytest.mark.parametrize("tail", [-30.0, -120.0, -300.0, -1e4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_chunked_far_tail_equals_reference(name, params, tail, dtype):
+    """A student tail far below the max is a live bucket with exact value and gradient: q_tail ~ 1e-13 (-30: the
+    gradient on the K ids must not cancel two terms of size g_tail / q_tail), or 0 in float32 as exp(z - max)
+    (below -103 nats)."""
+    s, ids, lp, targets = far_tail_case(tail)
+    for tau in (torch.tensor([0.6, 1.0, 1.7]), 1.0):
+        (kd, ce, g), (ref_kd, ref_ce, ref_g) = chunked_and_reference(s.to(dtype), ids, lp, targets, name, params, tau)
+        torch.testing.assert_close(kd, ref_kd, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ce, ref_ce)
+        torch.testing.assert_close(g, ref_g)
+        assert (kd >= -1e-6).all(), kd                                               # divergences: never negative
+    if tail > -1e3:                                                                 # float64 can hold q_tail
+        P, Q = ref_buckets(s.to(dtype), ids, lp)                                    # tau = 1: plain K+1 divergence
+        torch.testing.assert_close(kd.double(), ref_div(name, P, Q, **params, tail_last=True), rtol=1e-5, atol=1e-6)
+    if name == "fkl" and tail == -120.0 and dtype == torch.float32:                # the reproduction, row 0
+        assert kd[0].item() == pytest.approx(34.987, abs=1e-3)
+        # d fkl / dz_v = q_v - p_tail q_v / q_tail on the tail (+ CE's q_v ~ 0): -0.3 over the 6 tail ids
+        torch.testing.assert_close(g[0, 2:], torch.full((6,), -0.05), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), V=st.integers(2, 24), k_frac=st.floats(0.05, 1.0),
+       gap=st.sampled_from([0.0, 30.0, 70.0, 120.0, 300.0, 1e4]), bf16=st.booleans(),
+       tau=st.sampled_from([1.0, 0.5, "per-position"]), case=st.sampled_from(ALL))
+def test_chunked_equals_reference_with_far_tails(seed, V, k_frac, gap, bf16, tau, case):
+    """Student logits outside the teacher's ids pushed `gap` nats down: chunked_buckets == bucket_logprobs."""
+    K = max(1, round(k_frac * V))
+    _, ids, lp, s = teacher_and_student(seed, N=5, V=V, K=K, random_subset=seed % 2 == 0)
+    ids, lp = pad(ids, lp, seed % 3, seed)
+    s = torch.where(in_support(ids, lp, V), s, s - gap)                            # (N, V)
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, V, (5,), generator=g)
+    targets[0] = -100
+    if tau == "per-position":
+        tau = torch.rand(5, generator=g) * 2 + 0.3
+    logits = s.bfloat16() if bf16 else s
+    (kd, ce, grad), (ref_kd, ref_ce, ref_grad) = chunked_and_reference(logits, ids, lp, targets, *case, tau)
+    torch.testing.assert_close(kd, ref_kd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.isfinite(kd).all() and (kd >= -1e-5).all(), kd

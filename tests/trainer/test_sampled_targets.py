@@ -67,7 +67,8 @@ def test_check_sampled_targets():
 
 
 def test_train_refuses_a_biased_loss_on_a_sampled_cache(tmp_path, tiny_models):
-    from trainer.train import TrainConfig, run_train
+    from trainer.config import TrainConfig
+    from trainer.train import run_train
 
     codec = TopkV2(top_k=8, vocab_size=64, targets="sampled", samples=8)
     write_synthetic_cache(tmp_path / "c", {"code": 3}, T=16, K=8, V=64, codec=codec)   # rows: any log-probs

@@ -16,7 +16,9 @@ from click.testing import CliRunner
 from cache_format import CacheError, KdcacheError, open_cache
 from pipeline.cli import cli
 from tests.helpers import build_llama, build_tokenizer
-from trainer.train import TrainConfig, latest_checkpoint, lr_at, run_train
+from trainer.config import TrainConfig
+from trainer.run_dir import latest_checkpoint
+from trainer.train import lr_at, run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 

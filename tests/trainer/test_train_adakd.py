@@ -9,7 +9,8 @@ import pytest
 
 from cache_format import KdcacheError
 from trainer.adakd import LATF, AdaKDConfig
-from trainer.train import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.train import run_train
 
 
 def adakd_config(toy_cache, student, out, **kw) -> TrainConfig:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from cache_format import KdcacheError
-from pipeline.profile import run_profile
 from tests.helpers import write_synthetic_cache
-from trainer.train import TrainConfig, run_train
+from trainer.config import TrainConfig
+from trainer.profile import ProfileConfig, run_profile
+from trainer.train import run_train
 
 
 def ddk_config(toy_cache, student, out, **kw) -> TrainConfig:
@@ -66,7 +67,8 @@ def test_ddk_resume_continues_exactly(toy_cache, tiny_models, tmp_path):
 
 
 def test_ddk_starts_from_a_profile_and_refuses_a_foreign_one(toy_cache, tiny_models, tmp_path):
-    profile = run_profile(toy_cache, tiny_models["student"], tmp_path / "profile.json", max_rows_per_domain=4)
+    profile = run_profile(ProfileConfig(str(toy_cache), str(tiny_models["student"]), str(tmp_path / "profile.json"),
+                                      max_rows_per_domain=4))
     run_train(ddk_config(toy_cache, tiny_models["student"], tmp_path / "run", steps=2,
                          ddk_profile=str(tmp_path / "profile.json")))
     assert metrics(tmp_path / "run")[0]["domain_weights"] == profile["weights"]

@@ -15,11 +15,10 @@ from cache_format import KdcacheError, open_cache, read_manifest, write_manifest
 from pipeline.capture import CaptureConfig, run_capture
 from pipeline.cli import cli
 from pipeline.corpus import parse_data_spec
-from pipeline.profile import format_profile_table, run_profile
-from trainer.sampling import load_profile
 from tests.helpers import domain_texts
 from trainer.ddk import initial_weights
 from trainer.evaluate import evaluate
+from trainer.profile import ProfileConfig, format_profile_table, load_profile, run_profile
 from trainer.student import load_student
 
 DOMAINS = ["code", "prose"]
@@ -45,7 +44,7 @@ def cache(tiny_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def profiled(cache, tiny_models, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("profiled") / "profile.json"
-    return run_profile(cache, tiny_models["student"], out, batch_size=4, device="cpu"), out
+    return run_profile(ProfileConfig(str(cache), str(tiny_models["student"]), str(out), batch_size=4, device="cpu")), out
 
 
 def copy_with_manifest(src: Path, dst: Path, **changes) -> Path:
@@ -64,6 +63,8 @@ def test_run_profile_measures_the_gap_and_writes_the_weights(profiled, cache, ti
     assert result["cache"] == {"path": str(cache), "fingerprint": c.fingerprint}
     assert result["student"]["path"] == str(tiny_models["student"]) and len(result["student"]["fingerprint"]) == 64
     assert result["max_rows_per_domain"] is None
+    assert result["config"] == {"cache": str(cache), "student": str(tiny_models["student"]), "out": str(out),
+                                "split": "val", "batch_size": 4, "max_rows_per_domain": None, "device": "cpu"}
     assert list(result["domains"]) == DOMAINS and list(result["weights"]) == DOMAINS
     assert sum(result["weights"].values()) == pytest.approx(1.0, abs=1e-12)
     model, _ = load_student(str(tiny_models["student"]), c.manifest, device="cpu")
@@ -87,11 +88,12 @@ def test_run_profile_measures_the_gap_and_writes_the_weights(profiled, cache, ti
 
 
 def test_validation_budget_limits_rows(cache, tiny_models, tmp_path):
-    result = run_profile(cache, tiny_models["student"], tmp_path / "p.json", max_rows_per_domain=1, device="cpu")
+    result = run_profile(ProfileConfig(str(cache), str(tiny_models["student"]), str(tmp_path / "p.json"),
+                                       max_rows_per_domain=1, device="cpu"))
     assert result["max_rows_per_domain"] == 1
     assert all(d["tokens"] == 31 for d in result["domains"].values())       # one row of 32 tokens
-    with pytest.raises(KdcacheError, match="max_rows_per_domain must be >= 1, got 0"):
-        run_profile(cache, tiny_models["student"], tmp_path / "q.json", max_rows_per_domain=0, device="cpu")
+    with pytest.raises(KdcacheError, match="--max-rows-per-domain 0: must be >= 1"):
+        ProfileConfig(str(cache), str(tiny_models["student"]), str(tmp_path / "q.json"), max_rows_per_domain=0)
 
 
 def test_cli_prints_the_table_and_logs_the_file(cache, tiny_models, tmp_path, caplog):
@@ -150,4 +152,4 @@ def test_missing_val_rows_are_a_clear_error(cache, tiny_models, tmp_path):
                                  splits={"train": m.splits["train"], "val": {"code": m.splits["val"]["code"]}})
     with pytest.raises(KdcacheError, match=r"train domain\(s\) prose have no 'val' rows; DDK needs val data per "
                                            r"domain: capture with --val-fraction > 0"):
-        run_profile(one_val, tiny_models["student"], tmp_path / "p.json", device="cpu")
+        run_profile(ProfileConfig(str(one_val), str(tiny_models["student"]), str(tmp_path / "p.json"), device="cpu"))

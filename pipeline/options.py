@@ -1,0 +1,56 @@
+"""Command-line options <-> the frozen config dataclasses of the stages (one source for names and defaults)."""
+
+import click
+
+from cache_format import KdcacheError
+
+from .corpus import read_yaml
+
+
+def config_option(config, name: str, type_=None, help_: str | None = None, **kw):
+    """A click option for field `name` of the config dataclass `config`, with the field's default; bool fields
+    become --name/--no-name flags."""
+    flag = "--" + name.replace("_", "-")
+    if type_ is bool:
+        flag = f"{flag}/--no-{name.replace('_', '-')}"
+    default = config.__dataclass_fields__[name].default
+    return click.option(flag, name, type=None if type_ is bool else type_, default=default,
+                        show_default=default is not None, help=help_, **kw)
+
+
+def option_args(options: dict) -> list[str]:
+    """{config field: value} -> the command line's options (True -> --flag, False -> --no-flag, None -> omitted)."""
+    out = []
+    for k, v in options.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            out.append(flag)
+        elif v is False:
+            out.append("--no-" + k.replace("_", "-"))
+        elif v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def merge_config_file(ctx: click.Context, path: str | None, options: dict, extra: tuple[str, ...] = ()) -> dict:
+    """Fill the options the command line left at their default from a --config YAML file (read once); returns the
+    file's keys in `extra` (e.g. capture's `data`), which are not options. KdcacheError for an unknown key."""
+    if path is None:
+        return {}
+    doc = {str(k).replace("-", "_"): v for k, v in read_yaml(path).items()}
+    for name, value in doc.items():
+        if name in extra:
+            continue
+        if name not in options:
+            raise KdcacheError(f"{path}: unknown option {name!r}")
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+            options[name] = value
+    return {k: doc[k] for k in extra if k in doc}
+
+
+def require(options: dict, *names: str) -> None:
+    """click.UsageError for the first option in `names` given neither on the command line nor in --config."""
+    for name in names:
+        if options[name] in (None, ""):
+            raise click.UsageError(f"Missing option '--{name.replace('_', '-')}'.")
+

@@ -1,5 +1,7 @@
 """Command-line options <-> the frozen config dataclasses of the stages (one source for names and defaults)."""
 
+import dataclasses
+
 import click
 
 from cache_format import KdcacheError
@@ -8,14 +10,16 @@ from .corpus import read_yaml
 
 
 def config_option(config, name: str, type_=None, help_: str | None = None, **kw):
-    """A click option for field `name` of the config dataclass `config`, with the field's default; bool fields
-    become --name/--no-name flags."""
+    """A click option for field `name` of the config dataclass `config`, with the field's default (a field without
+    one has none here either: it must come from the command line or --config); bool fields become --name/--no-name
+    flags."""
     flag = "--" + name.replace("_", "-")
     if type_ is bool:
         flag = f"{flag}/--no-{name.replace('_', '-')}"
     default = config.__dataclass_fields__[name].default
-    return click.option(flag, name, type=None if type_ is bool else type_, default=default,
-                        show_default=default is not None, help=help_, **kw)
+    if default is not dataclasses.MISSING:
+        kw.update(default=default, show_default=default is not None)
+    return click.option(flag, name, type=None if type_ is bool else type_, help=help_, **kw)
 
 
 def option_args(options: dict) -> list[str]:

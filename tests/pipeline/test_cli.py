@@ -46,6 +46,10 @@ def test_usage_errors_exit_2():
     assert r.exit_code == 2
     r = CliRunner().invoke(cli, ["train", "--cache", "c", "--student", "s", "--out", "o", "--loss", "nope"])
     assert r.exit_code == 2 and "nope" in r.output
+    for args, missing in ((["capture", "--data", "a=b"], "--teacher"), (["train", "--cache", "c"], "--student"),
+                          (["profile", "--cache", "c"], "--student"), (["eval", "--student", "s"], "--cache")):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and f"Missing option '{missing}'" in r.output, r.output
 
 
 def test_every_contract_command_is_present():
@@ -130,3 +134,20 @@ def test_train_dry_run_checks_the_inputs_and_writes_nothing(toy_cache, tiny_mode
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: ")
     r = kdcache(*args, "--out", str(tmp_path / "run"), "--resume")
     assert r.returncode == 1 and "holds no training run" in r.stderr
+
+
+def test_config_file_fills_what_the_command_line_leaves(tiny_models, tmp_path):
+    from pipeline.toy import write_toy_corpus
+
+    specs = write_toy_corpus(tmp_path / "corpus", 10, seed=1)
+    data = "".join(f"  {s.domain}: {s.path}\n" for s in specs)
+    (tmp_path / "c.yaml").write_text(f"teacher: {tiny_models['teacher']}\nout: {tmp_path / 'cache'}\nbackend: hf\n"
+                                     f"seq-len: 32\ntop_k: 8\ndata:\n{data}")
+    r = CliRunner().invoke(cli, ["capture", "--config", str(tmp_path / "c.yaml"), "--top-k", "4", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "k 4, seq_len 32" in r.stdout and all(f"  {s.domain}" in r.stdout for s in specs)  # the command line wins
+    (tmp_path / "bad.yaml").write_text("teacher: t\nout: o\nsteps_per_epoch: 3\n")
+    r = CliRunner().invoke(cli, ["capture", "--config", str(tmp_path / "bad.yaml")])
+    assert r.exit_code == 1 and "unknown option 'steps_per_epoch'" in r.stderr
+    r = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 1 and "cannot read" in r.stderr and not (tmp_path / "cache").exists()

@@ -150,10 +150,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     out.mkdir(parents=True, exist_ok=True)
     storage.write_json(out / CONFIG_NAME, identity)
     codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
-    R = cfg.rows_per_shard
-    offsets = {s: i for i, s in enumerate(sorted(_streams(cfg)))}
-    mine = lambda split, domain, j: (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index  # noqa
-
+    R, mine = cfg.rows_per_shard, _owner(cfg)
     shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in _streams(cfg)}
     plan = {f"{split}/{domain}": 0 for split, domain in _streams(cfg)}     # shards per stream, all workers
     # tokens through the teacher; an ETA needs a known total, which --max-tokens-per-domain gives
@@ -204,8 +201,7 @@ def plan_capture(cfg: CaptureConfig) -> dict:
         state = "complete (nothing to do)"
     elif out is not None and (out / CONFIG_NAME).exists():
         state = "a capture with the same options: resumes"
-    R = cfg.rows_per_shard
-    offsets = {s: i for i, s in enumerate(sorted(_streams(cfg)))}
+    R, owned = cfg.rows_per_shard, _owner(cfg)
     domains = {spec.domain: {"train_rows": 0, "val_rows": 0, "tokens": 0, "shards": 0} for spec in cfg.data}
     mine = 0
     for split, domain, j, rows in _shard_rows(cfg, tokenizer):
@@ -213,7 +209,7 @@ def plan_capture(cfg: CaptureConfig) -> dict:
         d[f"{split}_rows"] += len(rows)
         d["tokens"] += sum(len(r) for r in rows)
         d["shards"] += 1
-        mine += (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index
+        mine += owned(split, domain, j)
     tokens = sum(d["tokens"] for d in domains.values())
     return {
         "out": f"{cfg.out} ({state})",
@@ -267,6 +263,13 @@ def _identity(cfg: CaptureConfig) -> dict:
 def _streams(cfg: CaptureConfig) -> list[tuple[str, str]]:
     """The (split, domain) streams of the capture, in the order they are packed."""
     return [(split, spec.domain) for spec in cfg.data for split in ("train", "val")]
+
+
+def _owner(cfg: CaptureConfig):
+    """(split, domain, j) -> whether shard j of that stream is this worker's: round robin, each stream starting
+    at its own offset so that small streams do not all land on worker 0."""
+    offsets = {s: i for i, s in enumerate(sorted(_streams(cfg)))}
+    return lambda split, domain, j: (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index
 
 
 def _shard_rows(cfg: CaptureConfig, tokenizer) -> Iterator[tuple[str, str, int, list[np.ndarray]]]:

@@ -8,7 +8,7 @@ import pyarrow.fs as pafs
 
 from . import storage
 from .errors import CacheError
-from .schema import FORMAT_NAME, FORMAT_VERSION, SPLITS
+from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SPLITS
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "capture_config.json"      # beside the manifest: the capture's resolved options
@@ -21,6 +21,11 @@ class ShardInfo:
     tokens: int   # input tokens (sum of row lengths)
     bytes: int    # file size on disk
     sha256: str   # hex digest of the file's bytes
+    supervised: int | None = None   # positions with a teacher distribution; None (older caches): tokens - rows
+
+    def __post_init__(self):
+        if self.supervised is None:
+            object.__setattr__(self, "supervised", self.tokens - self.rows)
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,11 @@ class DomainInfo:
     rows: int
     tokens: int
     shards: list[ShardInfo]
+    supervised_tokens: int | None = None   # positions with a teacher distribution; None: the shards' sum
+
+    def __post_init__(self):
+        if self.supervised_tokens is None:
+            object.__setattr__(self, "supervised_tokens", sum(s.supervised for s in self.shards))
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class Manifest:
     splits: dict[str, dict[str, DomainInfo]]   # split -> domain -> counts and shards
     capture_config: dict = field(default_factory=dict)
     created_by: str = ""
+    packing: str = "concat"   # PACKINGS: "isolated" rows carry doc_lengths (documents restart at position 0)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -85,14 +96,16 @@ class Manifest:
         try:
             splits = {
                 split: {dom: DomainInfo(rows=info["rows"], tokens=info["tokens"],
-                                        shards=[ShardInfo(**s) for s in info["shards"]])
+                                        shards=[ShardInfo(**s) for s in info["shards"]],
+                                        supervised_tokens=info.get("supervised_tokens"))
                         for dom, info in domains.items()}
                 for split, domains in d["splits"].items()
             }
             m = cls(teacher=TeacherInfo(**d["teacher"]), tokenizer=TokenizerInfo(**d["tokenizer"]),
                     top_k=int(d["top_k"]), seq_len=int(d["seq_len"]), codec=dict(d["codec"]),
                     split=SplitRule(**d["split"]), splits=splits, capture_config=d.get("capture_config", {}),
-                    created_by=d.get("created_by", ""), format=d["format"], format_version=version)
+                    created_by=d.get("created_by", ""), packing=d.get("packing", "concat"), format=d["format"],
+                    format_version=version)
         except KeyError as e:
             raise CacheError(f"{where}: missing field {e.args[0]!r}") from None
         except (TypeError, AttributeError, ValueError) as e:
@@ -100,6 +113,8 @@ class Manifest:
         unknown = set(m.splits) - set(SPLITS)
         if unknown:
             raise CacheError(f"{where}: unknown split {sorted(unknown)[0]!r} (expected {', '.join(SPLITS)})")
+        if m.packing not in PACKINGS:
+            raise CacheError(f"{where}: packing {m.packing!r} is not one of {', '.join(PACKINGS)}")
         if m.top_k <= 0 or m.seq_len < 2:
             raise CacheError(f"{where}: top_k={m.top_k}, seq_len={m.seq_len} out of range")
         return m
@@ -108,18 +123,21 @@ class Manifest:
         return [s for domains in self.splits.values() for info in domains.values() for s in info.shards]
 
     def summary(self) -> dict:
-        """What `kdcache inspect` shows: teacher, tokenizer, codec, k, seq_len, and per split and domain rows,
-        tokens, shards, bytes and bytes/token, with their totals."""
+        """What `kdcache inspect` shows: teacher, tokenizer, codec, k, seq_len, packing, and per split and domain
+        rows, tokens, supervised tokens (those with a teacher distribution), shards, bytes and bytes/token, with
+        their totals."""
         per_token = lambda b, t: round(b / t, 2) if t else 0.0  # noqa: E731
-        splits = {split: {name: {"rows": d.rows, "tokens": d.tokens, "shards": len(d.shards),
-                                 "bytes": sum(s.bytes for s in d.shards),
+        splits = {split: {name: {"rows": d.rows, "tokens": d.tokens, "supervised_tokens": d.supervised_tokens,
+                                 "shards": len(d.shards), "bytes": sum(s.bytes for s in d.shards),
                                  "bytes_per_token": per_token(sum(s.bytes for s in d.shards), d.tokens)}
                           for name, d in sorted(domains.items())}
                   for split, domains in sorted(self.splits.items())}
-        total = {key: sum(d[key] for ds in splits.values() for d in ds.values()) for key in ("rows", "tokens", "bytes")}
+        total = {key: sum(d[key] for ds in splits.values() for d in ds.values())
+                 for key in ("rows", "tokens", "supervised_tokens", "bytes")}
         d = self.to_dict()
         return {"format_version": self.format_version, "codec": self.codec, "teacher": d["teacher"],
-                "tokenizer": d["tokenizer"], "top_k": self.top_k, "seq_len": self.seq_len, "split": d["split"],
+                "tokenizer": d["tokenizer"], "top_k": self.top_k, "seq_len": self.seq_len, "packing": self.packing,
+                "split": d["split"],
                 "splits": splits, "total": {**total, "bytes_per_token": per_token(total["bytes"], total["tokens"])}}
 
 

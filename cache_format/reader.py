@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from . import storage
 from .errors import CacheError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
-from .schema import SPLITS, codec_from_params
+from .schema import DOC_LENGTHS, SPLITS, codec_from_params, position_ids, shard_schema, supervised_positions
 
 
 class Cache:
@@ -81,13 +81,26 @@ class Cache:
             table = self._parquet(shard).read_row_group(index)
         except (OSError, pa.ArrowException) as e:
             raise CacheError(f"{where}: unreadable row group {index} ({e})") from None
-        if table.schema != self.codec.arrow_schema:
-            raise CacheError(f"{where}: schema does not match codec {self.codec.name}")
-        yield from self.codec.decode(table, where)
+        packing = self.manifest.packing
+        if table.schema != shard_schema(self.codec, packing):
+            raise CacheError(f"{where}: schema does not match codec {self.codec.name} with {packing} packing")
+        doc_lengths = table.column(DOC_LENGTHS).to_pylist() if packing == "isolated" else [None] * table.num_rows
+        for row, lengths in zip(self.codec.decode(table, where), doc_lengths):
+            T = len(row["input_ids"])
+            try:
+                row["position_ids"] = position_ids(lengths, T)
+            except CacheError as e:
+                raise CacheError(f"{where}: row {row['row_index']}: {e}") from None
+            row["supervised"] = supervised_positions(row["topk_logprobs"])
+            yield row
 
     def iter_rows(self, split: str = "train", domain: str | None = None) -> Iterator[dict]:
-        """Rows of `split` (one domain or all, in manifest order): input_ids (T,) int32, topk_ids (T, K) int32,
-        topk_logprobs (T, K) float32 (-inf padding), target_logprobs (T,) float32, domain str, row_index int."""
+        """Rows of `split` (one domain or all, in manifest order), dicts of:
+            input_ids (T,) int32, topk_ids (T, K) int32, topk_logprobs (T, K) float32 (-inf padding),
+            target_logprobs (T,) float32 (NaN where no distribution), domain str, row_index int,
+            supervised (T,) bool: position t holds the teacher's distribution over token t+1 (text caches: every
+              position but the last; chat caches: those whose next token is a trained one, e.g. the responses),
+            position_ids (T,) int32: 0..T-1, or restarting at 0 at each document of an isolated-packed row."""
         for shard in self.shards(split, domain):
             for g in range(self.num_row_groups(shard)):
                 yield from self.read_row_group(shard, g)

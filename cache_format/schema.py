@@ -9,6 +9,11 @@ Codec `topk-v1` stores every array flat in a list column:
     topk_logprobs    list<float32>  (T*K,)  log p at temperature 1, full-vocabulary normalised; -inf = padding
     target_logprobs  list<float32>  (T,)    log p of the actual next token (even outside the top-k); NaN at T-1
 plus `row_index int64` (the row's position in its split/domain stream) and `domain string`.
+
+Every codec marks a position without a teacher distribution by -inf logprobs (and NaN target): the last position of
+a row, and in a chat cache every position that is not *supervised* (its next token is not a trained token). A cache
+packed with `isolated` documents adds one column, `doc_lengths list<int32>`: the lengths of the row's documents,
+whose positions restart at 0 (`position_ids`).
 """
 
 from dataclasses import dataclass
@@ -23,6 +28,31 @@ from .errors import CacheError
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+PACKINGS = ("concat", "isolated")   # documents joined into one stream / kept apart (restarting positions)
+DOC_LENGTHS = "doc_lengths"
+
+
+def shard_schema(codec: "TopkV1 | TopkV2", packing: str) -> pa.Schema:
+    """The Parquet schema of a cache's shards: the codec's columns, plus `doc_lengths` for isolated packing."""
+    if packing == "isolated":
+        return codec.arrow_schema.append(pa.field(DOC_LENGTHS, pa.list_(pa.int32())))
+    return codec.arrow_schema
+
+
+def position_ids(doc_lengths, T: int) -> np.ndarray:
+    """(T,) int32 positions restarting at 0 at each document; doc_lengths None: 0..T-1 (one stream)."""
+    if doc_lengths is None:
+        return np.arange(T, dtype=np.int32)
+    lengths = np.asarray(doc_lengths, np.int64)
+    if lengths.sum() != T or (lengths < 1).any():
+        raise CacheError(f"doc_lengths {lengths.tolist()} do not add up to the row's {T} tokens")
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)                     # (T,) each token's doc start
+    return (np.arange(T) - starts).astype(np.int32)
+
+
+def supervised_positions(topk_logprobs: np.ndarray) -> np.ndarray:
+    """(T,) bool: the positions that hold a teacher distribution, from topk_logprobs (T, K) (-inf where none)."""
+    return np.isfinite(topk_logprobs[:, 0])
 
 
 @dataclass(frozen=True)

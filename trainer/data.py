@@ -25,8 +25,11 @@ Use outside kdcache (plain PyTorch, or as an HF Trainer's train dataset), with f
     from trainer.data import CacheBatches
     batches = CacheBatches("path/to/cache", "train", batch_size=8, seed=0, weights="natural")
     for batch in DataLoader(batches, batch_size=None):   # batching is done by the stream
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits   # (B, T, V)
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # (B, T, V)
         ...  # KD loss on batch["topk_ids"], batch["topk_logprobs"] where batch["loss_mask"]
+
+position_ids without an attention_mask keep packed documents (and the padding) apart; loss_mask marks the
+supervised positions (for a chat cache: the responses).
 
 The dataset is infinite unless `steps` is given. DataLoader workers are treated as extra ranks (each reads its
 own disjoint slice). For read-ahead in a training loop, wrap the stream: `PrefetchStream(stream)` has the same
@@ -169,9 +172,9 @@ class CacheStream:
         return weights
 
     def next_batch(self, weights: Weights) -> dict:
-        """input_ids (B, T) int64, attention_mask (B, T) int64, topk_ids (B, T, K) int64, topk_logprobs (B, T, K)
-        float32, target_logprobs (B, T) float32, loss_mask (B, T) bool, domains, row_index and epoch (each
-        row's pass over its domain) lists of B; T = longest row."""
+        """input_ids (B, T) int64, attention_mask (B, T) int64, position_ids (B, T) int64, topk_ids (B, T, K)
+        int64, topk_logprobs (B, T, K) float32, target_logprobs (B, T) float32, loss_mask (B, T) bool (see
+        collate), domains, row_index and epoch (each row's pass over its domain) lists of B; T = longest row."""
         w = self.weight_vector(weights)
         picks = [self.domains[choose_domain(w, self.seed, self.step, b)] for b in range(self.batch_size)]
         rows = [self._readers[d].next_row() for d in picks]
@@ -269,31 +272,39 @@ class PrefetchStream:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad rows to the longest: pad_id tokens, -inf logprobs, NaN targets, loss_mask False.
+    """Right-pad reader rows to the longest: pad_id tokens, -inf logprobs, NaN targets, loss_mask False.
 
-    loss_mask is True at positions 0..len-2 of each row (those with a teacher distribution over a real token);
-    domains, row_index and epoch (None for rows not read by a CacheStream) are lists of B naming the rows.
+    loss_mask is each row's `supervised` (the positions with a teacher distribution: every one but the last of a
+    text row, the responses of a chat row). position_ids are the rows' own (restarting at 0 at each document of
+    an isolated-packed row), the padding numbered 0, 1, ... as a document of its own: a model given position_ids
+    and no attention_mask (transformers then builds block-diagonal causal attention) never lets a document or the
+    padding attend to another. domains, row_index and epoch (None for rows not read by a CacheStream) are lists
+    of B naming the rows.
     """
     B, T, K = len(rows), max(len(r["input_ids"]) for r in rows), rows[0]["topk_ids"].shape[1]
     input_ids = np.full((B, T), pad_id, np.int64)                       # (B, T)
     topk_ids = np.zeros((B, T, K), np.int64)                            # (B, T, K)
     topk_logprobs = np.full((B, T, K), -np.inf, np.float32)             # (B, T, K)
     target_logprobs = np.full((B, T), np.nan, np.float32)               # (B, T)
+    loss_mask = np.zeros((B, T), bool)                                  # (B, T)
     lengths = np.array([len(r["input_ids"]) for r in rows])             # (B,)
+    position_ids = np.arange(T)[None, :] - lengths[:, None]             # (B, T) the padding's, from 0
     for b, r in enumerate(rows):
         n = lengths[b]
         input_ids[b, :n] = r["input_ids"]
         topk_ids[b, :n] = r["topk_ids"]
         topk_logprobs[b, :n] = r["topk_logprobs"]
         target_logprobs[b, :n] = r["target_logprobs"]
-    positions = np.arange(T)[None, :]                                   # (1, T)
+        loss_mask[b, :n] = r["supervised"]
+        position_ids[b, :n] = r["position_ids"]
     return {
         "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy((positions < lengths[:, None]).astype(np.int64)),
+        "attention_mask": torch.from_numpy((np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)),
+        "position_ids": torch.from_numpy(position_ids),
         "topk_ids": torch.from_numpy(topk_ids),
         "topk_logprobs": torch.from_numpy(topk_logprobs),
         "target_logprobs": torch.from_numpy(target_logprobs),
-        "loss_mask": torch.from_numpy(positions < lengths[:, None] - 1),
+        "loss_mask": torch.from_numpy(loss_mask),
         "domains": [r["domain"] for r in rows],
         "row_index": [r["row_index"] for r in rows],
         "epoch": [r.get("epoch") for r in rows],

@@ -104,8 +104,8 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
             for batch in _batches(cache, split, domain, batch_size, max_rows_per_domain, ranks):
                 forwards += 1
                 input_ids = batch["input_ids"].to(device)                                   # (B, T)
-                logits = model(input_ids=input_ids,
-                               attention_mask=batch["attention_mask"].to(device)).logits   # (B, T, V)
+                logits = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device),
+                               use_cache=False).logits                                      # (B, T, V)
                 mask = batch["loss_mask"].to(device)                                        # (B, T)
                 targets = torch.roll(input_ids, -1, dims=1)                                 # (B, T) next token
                 logits = logits[mask]                                                       # (N, V)
@@ -132,7 +132,7 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
                            math.inf if max_rows_per_domain is None else max_rows_per_domain)
                 for _ in range(math.ceil(math.ceil(rows / ranks.world_size) / batch_size) - forwards):
                     ones = torch.ones(1, 1, dtype=torch.long, device=device)       # (1, 1): keeps FSDP in step
-                    model(input_ids=ones * cache.manifest.tokenizer.eos_id, attention_mask=ones)
+                    model(input_ids=ones * cache.manifest.tokenizer.eos_id, position_ids=ones - 1, use_cache=False)
                 n, s_ce, t_ce, kl = all_reduce_sum(torch.tensor([n, s_ce, t_ce, kl], dtype=torch.float64,
                                                                 device=device), ranks).tolist()
                 n = int(n)

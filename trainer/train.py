@@ -332,12 +332,14 @@ class _Distiller(torch.nn.Module):
         super().__init__()
         self.model, self.vocab, self.chunk_size, self.buckets = model, vocab, chunk_size, buckets
 
-    def forward(self, input_ids, attention_mask, topk_ids=None, topk_logprobs=None):
+    def forward(self, input_ids, position_ids, topk_ids=None, topk_logprobs=None, use_cache: bool = False):
         """With the teacher's topk_* (B, T, K): ((lp, lq, live) (B*T, K+1) each or None, ce (B*T,)). Without:
-        the model's own output (logits (B, T, V): what evaluate() calls)."""
+        the model's own output (logits (B, T, V): what evaluate() calls). position_ids (B, T) and no attention
+        mask: transformers keeps the documents of a packed row (and the padding) apart (data.collate)."""
         if topk_ids is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         B, T, D = hidden.shape                                                    # (B, T, D)
         K = topk_ids.shape[-1]
         targets = input_ids.roll(-1, dims=1)                                      # (B, T): position t -> token t+1
@@ -351,7 +353,7 @@ def _micro_step(student, batch: dict, cfg: TrainConfig, focus: float = 1.0):
     "ce_loss", and AdaKD's when on). student: a (wrapped) _Distiller. focus: LATF's ratio of tokens to distil."""
     mask = batch["loss_mask"]                                                     # (B, T)
     B, T = mask.shape
-    buckets, ce = student(batch["input_ids"], batch["attention_mask"], batch["topk_ids"],
+    buckets, ce = student(batch["input_ids"], batch["position_ids"], batch["topk_ids"],
                           batch["topk_logprobs"])                                 # (B*T, K+1) x3, (B*T,)
     mask = mask.reshape(B * T)
     kd_mask, tau, adakd_stats = mask, cfg.temperature, {}

@@ -93,10 +93,10 @@ def test_doc_example_distils(train_cache, tiny_models, tmp_path, monkeypatch):
         hf_ce = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss     # HF shifts labels itself
         assert batch["attention_mask"].all() and stats["ce_loss"].item() == pytest.approx(hf_ce.item(), rel=1e-5)
         mask = batch["loss_mask"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits     # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits       # (B, T, V)
         simple = LOSSES["fkl"](logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask]).mean()
         assert chunked.item() == pytest.approx(simple.item(), rel=1e-3, abs=1e-7)
-        last = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        last = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                      output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        decoder = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        decoder = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         torch.testing.assert_close(last, decoder.last_hidden_state)

@@ -32,7 +32,8 @@ from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, 
                           tokenizer_fingerprint, weights_fingerprint, write_manifest)
 
 from . import __version__
-from .corpus import DataSpec, iter_split_rows, resolve_files
+from .chat import load_template, resolve_template, template_fingerprint
+from .corpus import CorpusStats, DataSpec, Reading, Row, holds_conversations, iter_split_rows, resolve_files
 
 log = logging.getLogger("kdcache")
 PROGRESS_DIR = ".progress"
@@ -71,6 +72,10 @@ class CaptureConfig:
     tensor_parallel_size: int = 1       # vLLM: GPUs that split each layer (one node)
     pipeline_parallel_size: int = 1     # vLLM: stages the layers are split into (GPUs or nodes)
     vllm_output: str = "auto"           # vLLM: "hidden" states out (head + top-k here), "logprobs", "auto"
+    format: str = "auto"                # records: text, chat (messages), prompt-completion; auto: per record
+    train_on: str = "assistant"         # conversations' trained tokens: assistant, last-assistant, all
+    chat_template: str | None = None    # a Jinja file (or chat_template.json) instead of the tokenizer's
+    packing: str | None = None          # concat or isolated; None: isolated when the corpus holds conversations
 
     def __post_init__(self):
         checks = [
@@ -103,6 +108,7 @@ class CaptureConfig:
             (self.targets == "topk" or self.backend != "vllm",
              "--targets sampled needs the full distribution: use --backend hf (vLLM returns only the top-k)"),
         ]
+        Reading(self.format, self.train_on, None, self.packing or "concat")       # checks the three names
         for ok, msg in checks:
             if not ok:
                 raise KdcacheError(msg)
@@ -142,8 +148,8 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     local staging directory (resumable there), then uploaded shard by shard, each read back, manifest last."""
     if "://" in cfg.out:
         return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
-    cfg, tokenizer, vocab = _resolve(cfg)
-    out, identity = Path(cfg.out), _identity(cfg)
+    cfg, tokenizer, vocab, reading = _resolve(cfg)
+    out, identity = Path(cfg.out), _identity(cfg, tokenizer, reading)
     if _check_identity(out, identity):
         log.info("%s is already complete (same options): nothing to do", out)
         return out
@@ -158,8 +164,9 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     bar = tqdm(unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, smoothing=0.1, total=total)
     teacher, teacher_tokens, engine_seconds = None, 0, 0.0   # the engine starts on the first shard left to do
     started = time.perf_counter()
+    corpus = {spec.domain: CorpusStats() for spec in cfg.data}
     try:
-        for split, domain, j, rows in _shard_rows(cfg, tokenizer):
+        for split, domain, j, rows in _shard_rows(cfg, tokenizer, reading, corpus):
             plan[f"{split}/{domain}"] = j + 1
             if not mine(split, domain, j):
                 continue
@@ -182,34 +189,49 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
                  teacher_tokens, seconds, teacher_tokens / seconds, engine_seconds)
         if stats is not None:
             stats.update(tokens=teacher_tokens, seconds=seconds, engine_start_s=engine_seconds)
+    _log_skipped(corpus)
     manifest = _manifest(cfg, out, tokenizer, codec, identity, shards, plan)
     write_manifest(out, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
-    log.info("wrote %s: %d shards, %d tokens", out, len(manifest.shards()),
-             sum(d.tokens for ds in manifest.splits.values() for d in ds.values()))
+    domains = [d for ds in manifest.splits.values() for d in ds.values()]
+    log.info("wrote %s: %d shards, %d tokens (%d supervised)", out, len(manifest.shards()),
+             sum(d.tokens for d in domains), sum(d.supervised_tokens for d in domains))
     return out
+
+
+def _log_skipped(corpus: dict[str, CorpusStats]) -> None:
+    for domain, stats in corpus.items():
+        if stats.no_response or stats.truncated:
+            log.warning("domain %s: %d conversations without an assistant turn to train on skipped, %d truncated "
+                        "at --seq-len", domain, stats.no_response, stats.truncated)
 
 
 def plan_capture(cfg: CaptureConfig) -> dict:
     """--dry-run: check every input as run_capture does and tokenize the corpus, but start no engine and write
     nothing; the plan: per domain the rows, tokens and shards of each split, the shards this worker would run, the
     cache's size bound and what the engine needs."""
-    cfg, tokenizer, vocab = _resolve(cfg)
+    cfg, tokenizer, vocab, reading = _resolve(cfg)
     out = Path(cfg.out) if "://" not in cfg.out else None
     state = "new"
-    if out is not None and _check_identity(out, _identity(cfg)):
+    if out is not None and _check_identity(out, _identity(cfg, tokenizer, reading)):
         state = "complete (nothing to do)"
     elif out is not None and (out / CONFIG_NAME).exists():
         state = "a capture with the same options: resumes"
     R, owned = cfg.rows_per_shard, _owner(cfg)
-    domains = {spec.domain: {"train_rows": 0, "val_rows": 0, "tokens": 0, "shards": 0} for spec in cfg.data}
+    domains = {spec.domain: {"train_rows": 0, "val_rows": 0, "tokens": 0, "supervised": 0, "shards": 0}
+               for spec in cfg.data}
+    corpus = {spec.domain: CorpusStats() for spec in cfg.data}
     mine = 0
-    for split, domain, j, rows in _shard_rows(cfg, tokenizer):
+    for split, domain, j, rows in _shard_rows(cfg, tokenizer, reading, corpus):
         d = domains[domain]
         d[f"{split}_rows"] += len(rows)
         d["tokens"] += sum(len(r) for r in rows)
+        d["supervised"] += sum(int(r.supervised.sum()) for r in rows)
         d["shards"] += 1
         mine += owned(split, domain, j)
+    for domain, stats in corpus.items():
+        if stats.no_response or stats.truncated:
+            domains[domain].update(skipped_no_response=stats.no_response, truncated=stats.truncated)
     tokens = sum(d["tokens"] for d in domains.values())
     return {
         "out": f"{cfg.out} ({state})",
@@ -219,6 +241,7 @@ def plan_capture(cfg: CaptureConfig) -> dict:
         "engine": cfg.backend + (f", reserves {cfg.gpu_memory_utilization or 'the default share of'} GPU memory "
                                  f"(host RAM on CPU)" if cfg.backend == "vllm" else f", dtype {cfg.dtype}"),
         "codec": f"{cfg.codec}, k {cfg.width}, seq_len {cfg.seq_len}, {R} rows per shard",
+        "records": f"--format {cfg.format}, --train-on {cfg.train_on}, packing {cfg.packing}",
         "domains": domains,
         "tokens": tokens,
         "rows": sum(d["train_rows"] + d["val_rows"] for d in domains.values()),
@@ -228,9 +251,10 @@ def plan_capture(cfg: CaptureConfig) -> dict:
     }
 
 
-def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int]:
-    """(cfg with its backend resolved, the teacher's tokenizer, its vocab size) after checking the teacher, the
-    data paths and the options that depend on the model; KdcacheError before any work otherwise."""
+def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int, Reading]:
+    """(cfg with its backend and packing resolved, the teacher's tokenizer, its vocab size, how records are read)
+    after checking the teacher, the data paths and the options that depend on the model; KdcacheError before any
+    work otherwise."""
     out = Path(cfg.out)
     if "://" not in cfg.out and out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
@@ -238,6 +262,8 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int]:
     model_config = read_model_config(cfg.teacher)
     for spec in cfg.data:                                                   # bad data paths fail before any work
         resolve_files(spec)
+    template = load_template(cfg.chat_template) if cfg.chat_template else None
+    packing = cfg.packing or ("isolated" if holds_conversations(cfg.data, cfg.text_field, cfg.format) else "concat")
     tokenizer = _load_tokenizer(cfg.teacher)
     vocab = int(model_config["vocab_size"])
     if cfg.top_k > vocab:
@@ -245,18 +271,24 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int]:
     max_pos = model_config.get("max_position_embeddings")
     if max_pos and cfg.seq_len > max_pos:
         raise KdcacheError(f"--seq-len {cfg.seq_len} is above the teacher's max_position_embeddings {max_pos}")
-    cfg = replace(cfg, backend=resolve_backend(cfg.backend or ("hf" if cfg.targets == "sampled" else None)))
+    cfg = replace(cfg, backend=resolve_backend(cfg.backend or ("hf" if cfg.targets == "sampled" else None)),
+                  packing=packing)
     if cfg.backend != "vllm" and cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         raise KdcacheError(f"--tensor-parallel-size {cfg.tensor_parallel_size} / --pipeline-parallel-size "
                            f"{cfg.pipeline_parallel_size}: model parallelism needs --backend vllm (got {cfg.backend})")
-    return cfg, tokenizer, vocab
+    return cfg, tokenizer, vocab, Reading(cfg.format, cfg.train_on, template, packing)
 
 
-def _identity(cfg: CaptureConfig) -> dict:
-    """What decides the cache's bytes: the options (less RUNTIME_OPTIONS), the teacher's weights, the data files."""
+def _identity(cfg: CaptureConfig, tokenizer, reading: Reading) -> dict:
+    """What decides the cache's bytes: the options (less RUNTIME_OPTIONS), the teacher's weights, the data files,
+    and the chat template that renders conversations (its sha256; None when there is none)."""
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
     identity["data_fingerprint"] = {spec.domain: files_fingerprint(resolve_files(spec)) for spec in cfg.data}
+    try:
+        identity["chat_template_fingerprint"] = template_fingerprint(resolve_template(tokenizer, reading.template, ""))
+    except KdcacheError:                                                    # no template: text only
+        identity["chat_template_fingerprint"] = None
     return identity
 
 
@@ -272,17 +304,19 @@ def _owner(cfg: CaptureConfig):
     return lambda split, domain, j: (j + offsets[(split, domain)]) % cfg.num_workers == cfg.worker_index
 
 
-def _shard_rows(cfg: CaptureConfig, tokenizer) -> Iterator[tuple[str, str, int, list[np.ndarray]]]:
+def _shard_rows(cfg: CaptureConfig, tokenizer, reading: Reading,
+                corpus: dict[str, CorpusStats]) -> Iterator[tuple[str, str, int, list[Row]]]:
     """Every shard of the capture, all workers', as (split, domain, shard index j, its packed rows): rows
     [j*R, (j+1)*R) of the stream, in packing order (a stream's last shard may be short). Tokenisation runs ahead
-    in a thread."""
+    in a thread; corpus[domain] receives the domain's counts."""
     R = cfg.rows_per_shard
     for spec in cfg.data:
-        pending: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        pending: dict[str, list[Row]] = {"train": [], "val": []}
         done = {"train": 0, "val": 0}                                  # rows of the stream in earlier shards
         for split, _, row in _prefetched(iter_split_rows(spec, tokenizer, cfg.seq_len, cfg.split_seed,
                                                          cfg.val_fraction, cfg.text_field,
-                                                         cfg.max_tokens_per_domain), 4 * cfg.batch_size):
+                                                         cfg.max_tokens_per_domain, corpus[spec.domain],
+                                                         reading=reading), 4 * cfg.batch_size):
             pending[split].append(row)
             if len(pending[split]) == R:
                 yield split, spec.domain, done[split] // R, pending[split]
@@ -322,19 +356,25 @@ def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
                                 eos_id=int(tokenizer.eos_token_id)),
         top_k=cfg.width, seq_len=cfg.seq_len, codec=codec.params(),
         split=SplitRule(rule=SPLIT_RULE, seed=cfg.split_seed, val_fraction=cfg.val_fraction),
-        splits=splits, capture_config={**identity, "plan": plan}, created_by=f"kdcache {__version__}")
+        splits=splits, capture_config={**identity, "plan": plan}, created_by=f"kdcache {__version__}",
+        packing=cfg.packing)
 
 
-def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, domain: str, teacher,
+def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain: str, teacher,
                    cfg: CaptureConfig, codec: TopkV1 | TopkV2, bar: tqdm) -> ShardInfo:
-    """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard. A writer
-    thread encodes and writes each batch while the engine runs the next ones (at most WRITE_AHEAD waiting)."""
-    writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows)
+    """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard, keeping
+    the teacher's distribution at supervised positions only. A writer thread encodes and writes each batch while
+    the engine runs the next ones (at most WRITE_AHEAD waiting)."""
+    writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows, packing=cfg.packing)
 
-    def write(first: int, batch: list[np.ndarray], results) -> None:
+    def write(first: int, batch: list[Row], results) -> None:
         for i, (row, (ids, lps, target)) in enumerate(zip(batch, results.rows())):
-            writer.write({"row_index": first + i, "domain": domain, "input_ids": row,
-                          "topk_ids": ids, "topk_logprobs": lps, "target_logprobs": target})
+            keep = row.supervised                                                  # (T,)
+            writer.write({"row_index": first + i, "domain": domain, "input_ids": row.input_ids,
+                          "topk_ids": np.where(keep[:, None], ids, 0),
+                          "topk_logprobs": np.where(keep[:, None], lps, -np.inf).astype(np.float32),
+                          "target_logprobs": np.where(keep, target, np.nan).astype(np.float32),
+                          "doc_lengths": row.doc_lengths})
         bar.update(sum(len(r) for r in batch))
 
     try:
@@ -342,12 +382,13 @@ def _capture_shard(out: Path, rel: str, rows: list[np.ndarray], first_row: int, 
             waiting: deque[Future] = deque()
             for b in range(0, len(rows), cfg.batch_size):
                 batch = rows[b:b + cfg.batch_size]
+                tokens, docs = [r.input_ids for r in batch], [r.doc_lengths for r in batch]
                 if cfg.targets == "sampled":   # per-row seeds: the same draws on any worker and after a resume
                     seeds = [zlib.crc32(f"{cfg.split_seed}:{rel}:{first_row + b + i}".encode())
                              for i in range(len(batch))]
-                    results = teacher.sample(batch, cfg.samples, seeds)
+                    results = teacher.sample(tokens, cfg.samples, seeds, docs)
                 else:
-                    results = teacher.topk(batch, cfg.top_k)
+                    results = teacher.topk(tokens, cfg.top_k, docs)
                 waiting.append(pool.submit(write, first_row + b, batch, results))
                 while waiting and (len(waiting) > WRITE_AHEAD or waiting[0].done()):
                     waiting.popleft().result()                         # re-raises a writer error here

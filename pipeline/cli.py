@@ -80,6 +80,17 @@ _capture = functools.partial(config_option, CaptureConfig)     # an option whose
 @_capture("batch_size", int, "Rows per engine call.")
 @_capture("dtype", click.Choice(["auto", "float32", "bfloat16"]), "The teacher's compute dtype.")
 @_capture("text_field", str, "Field of a record that holds the text.")
+@_capture("format", click.Choice(["auto", "text", "chat", "prompt-completion"]), "Records: text (--text-field), "
+          "chat ({messages: [{role, content}]}), prompt-completion ({prompt, completion}: strings or message "
+          "lists); auto decides per record.")
+@_capture("train_on", click.Choice(["assistant", "last-assistant", "all"]), "Conversations: the tokens the student "
+          "learns (the cache holds the teacher only where the next token is one of them); prompt-completion: the "
+          "completion.")
+@_capture("chat_template", str, "Jinja file (or chat_template.json) that renders conversations; default: the "
+          "teacher tokenizer's template.")
+@_capture("packing", click.Choice(["isolated", "concat"]), "isolated: each document alone (own positions, no "
+          "attention across documents), long conversations truncated; concat: one stream cut every --seq-len. "
+          "Default: isolated when the corpus holds conversations, else concat.")
 @_capture("num_workers", int, "Capture workers in all (run each with its --worker-index, then kdcache merge).")
 @_capture("worker_index", int, "This worker, in 0..num_workers-1.")
 @_capture("shard_size_mb", float, "Target shard size.")
@@ -135,14 +146,16 @@ def inspect(cache: str, as_json: bool) -> None:
     click.echo(f"teacher    {t['name']}  [{t['engine']} {t['engine_version']}, {t['dtype']}, {t['logprobs_mode']}]")
     click.echo(f"tokenizer  vocab {summary['tokenizer']['vocab_size']}, eos {summary['tokenizer']['eos_id']}, "
                f"fingerprint {summary['tokenizer']['fingerprint'][:12]}")
-    click.echo(f"top_k      {summary['top_k']}   seq_len {summary['seq_len']}")
-    click.echo(f"{'split':<6} {'domain':<16} {'rows':>8} {'tokens':>12} {'bytes':>12} {'B/token':>8}")
+    click.echo(f"top_k      {summary['top_k']}   seq_len {summary['seq_len']}   packing {summary['packing']}")
+    click.echo(f"{'split':<6} {'domain':<16} {'rows':>8} {'tokens':>12} {'supervised':>12} {'bytes':>12} "
+               f"{'B/token':>8}")
     for split, domains in summary["splits"].items():
         for name, d in domains.items():
-            click.echo(f"{split:<6} {name:<16} {d['rows']:>8} {d['tokens']:>12} {d['bytes']:>12} "
-                       f"{d['bytes_per_token']:>8.1f}")
+            click.echo(f"{split:<6} {name:<16} {d['rows']:>8} {d['tokens']:>12} {d['supervised_tokens']:>12} "
+                       f"{d['bytes']:>12} {d['bytes_per_token']:>8.1f}")
     tot = summary["total"]
-    click.echo(f"{'total':<23} {tot['rows']:>8} {tot['tokens']:>12} {tot['bytes']:>12} {tot['bytes_per_token']:>8.1f}")
+    click.echo(f"{'total':<23} {tot['rows']:>8} {tot['tokens']:>12} {tot['supervised_tokens']:>12} {tot['bytes']:>12} "
+               f"{tot['bytes_per_token']:>8.1f}")
 
 
 @cli.command()
@@ -248,9 +261,15 @@ def train(ctx: click.Context, config_path: str | None, dry_run: bool, **options)
 @config_option(EvalConfig, "max_rows_per_domain", int, "Evaluate on at most this many rows per domain.")
 @config_option(EvalConfig, "out", str, "Also write the report (with the config) as JSON to this file.")
 @config_option(EvalConfig, "device", str, "Default: cuda if available, else cpu.")
+@config_option(EvalConfig, "generate", int, "Also generate the last reply of this many conversations per domain "
+               "(greedy) and score it with ROUGE-L against the cache's (chat caches; 0: off).")
+@config_option(EvalConfig, "max_new_tokens", int, "With --generate: tokens per generated reply.")
+@config_option(EvalConfig, "teacher", str, "With --generate: HF model directory of the teacher, whose own replies "
+               "are scored too (the ceiling).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_(as_json: bool, **options) -> None:
-    """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity."""
+    """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity; with --generate, ROUGE-L of
+    greedy replies."""
     from trainer.evaluate import run_eval
 
     report = run_eval(EvalConfig(**options))
@@ -261,6 +280,13 @@ def eval_(as_json: bool, **options) -> None:
     for name, d in [*report["domains"].items(), ("mean", report["mean"])]:
         click.echo(f"{name:<16} {d['tokens']:>10} {d['student_ce']:>11.4f} {d['teacher_ce']:>11.4f} "
                    f"{d['kl']:>8.4f} {d['ppl']:>10.2f}")
+    gen = report.get("generate")
+    if gen:
+        models = list(gen)                                      # student, then teacher with --teacher
+        click.echo(f"\n{'domain':<16} {'replies':>10} " + " ".join(f"{'rouge_l ' + m:>16}" for m in models))
+        for name in [*gen["student"]["domains"], "mean"]:
+            rows = [gen[m]["mean"] if name == "mean" else gen[m]["domains"][name] for m in models]
+            click.echo(f"{name:<16} {rows[0]['n']:>10} " + " ".join(f"{r['rouge_l']:>16.4f}" for r in rows))
 
 
 @cli.command()

@@ -1,5 +1,11 @@
 """Corpus ingestion and packing for `kdcache capture`: domain-tagged files → documents → train/val rows of tokens.
 
+A record is text (`--text-field`), a conversation (`messages`) or a prompt–completion pair (pipeline/chat.py
+renders the last two with the chat template and marks the trained tokens). Packing `concat` joins documents into
+one stream cut at seq_len (text: EOS after each); `isolated` puts whole documents into rows (one longer than
+seq_len is truncated, text split into seq_len pieces) and records their lengths, so that teacher and student see
+each document alone. A row's position t is *supervised* when token t+1 is trained and in the same document.
+
 Files are streamed one at a time (never the whole corpus in memory). JSON, JSON Lines, Parquet and `save_to_disk`
 directories are read through `datasets`; `.txt` files (one document per non-empty line) are read line by line here,
 because `datasets` 5.2 ignores `encoding_errors` for compressed text files and would crash on invalid UTF-8.
@@ -28,7 +34,9 @@ import pyarrow.parquet as pq
 import yaml
 import zstandard
 
-from cache_format import SPLITS, KdcacheError
+from cache_format import PACKINGS, SPLITS, KdcacheError
+
+from . import chat
 
 log = logging.getLogger("kdcache")
 
@@ -63,7 +71,26 @@ class CorpusStats:
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # packed, per split
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))     # incl. EOS, per split
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))       # incl. a final short row
+    supervised: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # positions, per split
+    no_response: int = 0                      # conversations skipped: no assistant turn to train on
+    truncated: int = 0                        # isolated packing: documents cut at seq_len (text: split)
     capped: bool = False                      # reading stopped at max_tokens
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How records become documents and rows: --format, --train-on, the --chat-template text, --packing."""
+
+    format: str = "auto"
+    train_on: str = "assistant"
+    template: str | None = None
+    packing: str = "concat"
+
+    def __post_init__(self):
+        for name, value, allowed in (("--format", self.format, chat.FORMATS), ("--packing", self.packing, PACKINGS),
+                                     ("--train-on", self.train_on, chat.TRAIN_ON)):
+            if value not in allowed:
+                raise KdcacheError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,9 +256,16 @@ def _text_batches(path: str) -> Iterator[list[str]]:
             yield [line.rstrip("\n") for line in lines]
 
 
-def _column_batches(ds, path: str, text_field: str) -> Iterator[list]:
-    """The text column of a `datasets` dataset, in batches of Python values (None where a row lacks it)."""
+_RECORD_FIELDS = ("messages", "prompt", "completion")
+
+
+def _table_batches(ds, path: str, text_field: str, fmt: str) -> Iterator[list]:
+    """Batches of a `datasets` dataset: the text column's values (None where a row lacks it) when the records are
+    text (--format text, or auto and the batch has no conversation field), else the records as dicts."""
     for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS):
+        if fmt != "text" and (fmt != "auto" or any(f in table.column_names for f in _RECORD_FIELDS)):
+            yield table.to_pylist()
+            continue
         if text_field not in table.column_names:
             raise KdcacheError(f"{path}: no field {text_field!r} (fields: {', '.join(table.column_names)}); "
                                "choose one with --text-field")
@@ -242,15 +276,19 @@ def _column_batches(ds, path: str, text_field: str) -> Iterator[list]:
         yield column.to_pylist()
 
 
-def _file_batches(path: str, text_field: str) -> Iterator[list]:
-    """Batches of text values of one file. JSON Lines bytes are decoded with the counting replacement handler."""
+def _file_batches(path: str, text_field: str, fmt: str) -> Iterator[list]:
+    """Batches of one file's records: strings (text) or dicts (see _table_batches). JSON Lines bytes are decoded
+    with the counting replacement handler."""
     kind = _format(path)
     if kind == "text":
+        if fmt in ("chat", "prompt-completion"):
+            raise KdcacheError(f"{path}: --format {fmt} needs records (JSON, JSON Lines, Parquet or a save_to_disk "
+                               "directory), not lines of text")
         return _text_batches(path)
     from datasets import load_dataset, load_from_disk  # heavy import, only when reading
 
     if kind == "dataset":
-        return _column_batches(load_from_disk(path), path, text_field)
+        return _table_batches(load_from_disk(path), path, text_field, fmt)
     if kind == "parquet" and pq.ParquetFile(path).metadata.num_rows == 0:  # datasets fails on it ("BatchSize")
         return iter(())
     # encoding "utf_8" (not "utf-8") makes the json builder decode with encoding_errors instead of handing the raw
@@ -261,7 +299,7 @@ def _file_batches(path: str, text_field: str) -> Iterator[list]:
                           **(options if kind == "json" else {}))
     except StopIteration:  # the json builder's schema inference on an empty file
         return iter(())
-    return _column_batches(ds, path, text_field)
+    return _table_batches(ds, path, text_field, fmt)
 
 
 def _json_problem(path: str) -> str | None:
@@ -298,13 +336,40 @@ def _read_error(path: str, error: Exception) -> KdcacheError:
     return KdcacheError(f"{path}: {problem or 'cannot read: ' + detail}")
 
 
-def _file_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
-    """Non-empty documents of one file; invalid UTF-8 reported once when the file is done (or abandoned)."""
+@dataclass(frozen=True)
+class Conversation:
+    """A chat or prompt–completion record to render (chat.render_example); `key` decides its split."""
+
+    where: str                 # "FILE: record N", for messages
+    key: str                   # the record as canonical JSON
+    example: chat.Example
+
+
+def _document(value, path: str, n: int, text_field: str, fmt: str) -> "str | Conversation":
+    """Record n of a file (a string, or a dict from a records batch) as a text document or a Conversation."""
+    if isinstance(value, str) or value is None:
+        if value is None:
+            raise KdcacheError(f"{path}: row {n} has no {text_field!r} field")
+        return value
+    where = f"{path}: record {n}"
+    kind = chat.record_format(value, text_field, where) if fmt == "auto" else fmt
+    if kind == "text":
+        text = value.get(text_field)
+        if not isinstance(text, str):
+            raise KdcacheError(f"{where}: field {text_field!r} must be a string, got {chat._show(text)}")
+        return text
+    key = json.dumps({k: v for k, v in value.items() if k in _RECORD_FIELDS}, sort_keys=True, ensure_ascii=False)
+    return Conversation(where, key, chat.to_messages(value, kind, where))
+
+
+def _file_documents(path: str, text_field: str, stats: CorpusStats, fmt: str = "auto") -> Iterator["str | Conversation"]:
+    """Non-empty documents of one file (texts and Conversations); invalid UTF-8 reported once when the file is
+    done (or abandoned)."""
     stats.files += 1
     rows = replaced = 0
     try:
         try:
-            batches = _file_batches(path, text_field)
+            batches = _file_batches(path, text_field, fmt)
             while True:
                 batch, n = _next_counted(batches)
                 replaced += n
@@ -312,10 +377,9 @@ def _file_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator[
                     break
                 for value in batch:
                     rows += 1
-                    if value is None:
-                        raise KdcacheError(f"{path}: row {rows} has no {text_field!r} field")
-                    if value.strip():
-                        yield value
+                    document = _document(value, path, rows, text_field, fmt)
+                    if not isinstance(document, str) or document.strip():
+                        yield document
                     else:
                         stats.skipped_empty += 1
         except _READ_ERRORS as e:
@@ -328,11 +392,26 @@ def _file_documents(path: str, text_field: str, stats: CorpusStats) -> Iterator[
             log.warning("%s: %d invalid UTF-8 sequences replaced", path, replaced)
 
 
-def iter_documents(spec: DataSpec, text_field: str = "text", stats: CorpusStats | None = None) -> Iterator[str]:
+def iter_documents(spec: DataSpec, text_field: str = "text", stats: CorpusStats | None = None,
+                   fmt: str = "auto") -> Iterator["str | Conversation"]:
     """Documents of all files of a spec in `resolve_files` order; empty/whitespace-only documents are skipped."""
     stats = stats if stats is not None else CorpusStats()
     for path in resolve_files(spec):
-        yield from _file_documents(path, text_field, stats)
+        yield from _file_documents(path, text_field, stats, fmt)
+
+
+def holds_conversations(specs: Iterable[DataSpec], text_field: str, fmt: str) -> bool:
+    """Whether the corpus holds conversations (sets the default packing): --format chat or prompt-completion, or
+    with auto a file whose first record is one (text files and text records: no)."""
+    if fmt != "auto":
+        return fmt != "text"
+    for spec in specs:
+        for path in resolve_files(spec):
+            if _format(path) != "text":
+                with contextlib.closing(_file_documents(path, text_field, CorpusStats(), fmt)) as documents:
+                    if isinstance(next(documents, None), Conversation):
+                        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,35 +435,66 @@ def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256) -
         yield from tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
-class _Packer:
-    """Cuts a stream of tokens into rows of seq_len int32; holds at most one unfinished row."""
+@dataclass(frozen=True)
+class Row:
+    """One packed row for the teacher."""
 
-    def __init__(self, seq_len: int):
+    input_ids: np.ndarray                 # (T,) int32
+    supervised: np.ndarray                # (T,) bool: token t+1 is trained and in the same document as t
+    doc_lengths: list[int] | None = None  # isolated packing: the lengths of its documents (sum T)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class _Packer:
+    """Cuts documents (tokens with their trained flags) into rows of at most seq_len tokens, holding at most one
+    unfinished row. concat: one stream, cut every seq_len tokens. isolated: whole documents of at most seq_len
+    tokens, a row closed when the next document does not fit."""
+
+    def __init__(self, seq_len: int, isolated: bool = False):
         if seq_len < 1:
             raise KdcacheError(f"seq_len must be at least 1, got {seq_len}")
-        self.seq_len = seq_len
-        self._row = np.empty(seq_len, np.int32)
+        self.seq_len, self.isolated = seq_len, isolated
+        self._pieces: list[tuple[np.ndarray, np.ndarray]] = []
         self._fill = 0
 
-    def add(self, tokens: np.ndarray) -> list[np.ndarray]:
-        """Append tokens; return the rows they complete."""
-        done, pos = [], 0
-        while pos < len(tokens):
-            take = min(self.seq_len - self._fill, len(tokens) - pos)
-            self._row[self._fill:self._fill + take] = tokens[pos:pos + take]
-            self._fill += take
-            pos += take
-            if self._fill == self.seq_len:
-                done.append(self._row)
-                self._row, self._fill = np.empty(self.seq_len, np.int32), 0
+    def add(self, tokens: np.ndarray, trained: np.ndarray) -> list[Row]:
+        """Append one document; return the rows it completes."""
+        done = []
+        if self.isolated:
+            if len(tokens) > self.seq_len:
+                raise ValueError(f"an isolated document of {len(tokens)} tokens is longer than seq_len")
+            if self._fill + len(tokens) > self.seq_len:
+                done.append(self._take())
+            self._pieces.append((tokens, trained))
+            self._fill += len(tokens)
+        else:
+            pos = 0
+            while pos < len(tokens):
+                take = min(self.seq_len - self._fill, len(tokens) - pos)
+                self._pieces.append((tokens[pos:pos + take], trained[pos:pos + take]))
+                self._fill += take
+                pos += take
+                if self._fill == self.seq_len:
+                    done.append(self._take())
+        if self._fill == self.seq_len:
+            done.append(self._take())
         return done
 
-    def flush(self) -> np.ndarray | None:
+    def flush(self) -> Row | None:
         """The final partial row, if any tokens remain."""
-        if not self._fill:
-            return None
-        row, self._fill = self._row[:self._fill].copy(), 0
-        return row
+        return self._take() if self._fill else None
+
+    def _take(self) -> Row:
+        tokens = np.concatenate([t for t, _ in self._pieces]).astype(np.int32)          # (T,)
+        trained = np.concatenate([m for _, m in self._pieces])                          # (T,)
+        lengths = [len(t) for t, _ in self._pieces] if self.isolated else None
+        supervised = np.append(trained[1:], False)                                      # (T,) t -> token t+1
+        if lengths is not None:
+            supervised[np.cumsum(lengths)[:-1] - 1] = False                             # a document's last token
+        self._pieces, self._fill = [], 0
+        return Row(tokens, supervised, lengths)
 
 
 def _with_eos(ids: Sequence[int], eos_id: int) -> np.ndarray:
@@ -398,36 +508,68 @@ def pack_documents(token_ids: Iterable[Sequence[int]], seq_len: int, eos_id: int
     """Documents joined with an EOS after each, cut into int32 rows of seq_len; the last row may be shorter."""
     packer = _Packer(seq_len)
     for ids in token_ids:
-        yield from packer.add(_with_eos(ids, eos_id))
+        tokens = _with_eos(ids, eos_id)
+        yield from (row.input_ids for row in packer.add(tokens, np.ones(len(tokens), bool)))
     if (tail := packer.flush()) is not None:
-        yield tail
+        yield tail.input_ids
 
 
-def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: CorpusStats,
-                         batch_size: int) -> Iterator[tuple[str, list[int]]]:
-    """(text, token ids) of the files' documents. Batches never span files, so a file is only opened once the
-    consumer has used every document before it (closing this generator at the cap opens no further file)."""
+def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: CorpusStats, batch_size: int,
+                         reading: Reading) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
+    """(split key, tokens (n,) int32, trained (n,) bool, whether it is text) of the files' documents, in order. Text: its tokens and
+    EOS, all trained. Conversations: rendered by chat.render_example (a plain prompt-completion pair gets EOS,
+    trained); one without a trained token is counted in stats.no_response and skipped. Batches never span files,
+    so a file is only opened once the consumer has used every document before it (closing this generator at the
+    cap opens no further file)."""
+    eos_id = tokenizer.eos_token_id
     for path in files:
-        with contextlib.closing(_file_documents(path, text_field, stats)) as texts:
-            for batch in _batched(texts, batch_size):
-                yield from zip(batch, tokenize_documents(batch, tokenizer, batch_size))
+        with contextlib.closing(_file_documents(path, text_field, stats, reading.format)) as documents:
+            for batch in _batched(documents, batch_size):
+                texts = [d for d in batch if isinstance(d, str)]
+                text_ids = iter(tokenize_documents(texts, tokenizer, batch_size) if texts else ())
+                for doc in batch:
+                    if isinstance(doc, str):
+                        tokens = _with_eos(next(text_ids), eos_id)
+                        yield doc, tokens, np.ones(len(tokens), bool), True
+                        continue
+                    ids, trained = chat.render_example(tokenizer, doc.example, reading.train_on, doc.where,
+                                                       reading.template)
+                    if not doc.example.messages:                          # a plain pair: the model learns to stop
+                        ids, trained = [*ids, eos_id], [*trained, True]
+                    if not any(trained[1:]):
+                        stats.no_response += 1
+                        continue
+                    yield doc.key, np.asarray(ids, np.int32), np.asarray(trained, bool), False
 
 
-def _next_row_index(stats: CorpusStats, split: str) -> int:
+def _fit(tokens: np.ndarray, trained: np.ndarray, is_text: bool, seq_len: int,
+         stats: CorpusStats) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Isolated packing: a text document longer than seq_len as seq_len pieces, a conversation truncated at the
+    end (counted; dropped when nothing trained is left)."""
+    if len(tokens) <= seq_len:
+        return [(tokens, trained)]
+    if is_text:
+        return [(tokens[i:i + seq_len], trained[i:i + seq_len]) for i in range(0, len(tokens), seq_len)]
+    stats.truncated += 1
+    return [(tokens[:seq_len], trained[:seq_len])] if trained[1:seq_len].any() else []
+
+
+def _next_row_index(stats: CorpusStats, split: str, row: Row) -> int:
     stats.rows[split] += 1
+    stats.supervised[split] += int(row.supervised.sum())
     return stats.rows[split] - 1
 
 
 def iter_split_rows(spec: DataSpec | Sequence[DataSpec], tokenizer, seq_len: int, seed: int, val_fraction: float,
                     text_field: str = "text", max_tokens: int | None = None, stats: CorpusStats | None = None,
-                    batch_size: int = 256) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Packed rows of one domain as (split, row index within the split, int32 row), deterministic and streamed.
+                    batch_size: int = 256, reading: Reading = Reading()) -> Iterator[tuple[str, int, Row]]:
+    """Packed rows of one domain as (split, row index within the split, Row), deterministic and streamed.
 
     `spec` is one DataSpec or several of the same domain (read in order; all paths are resolved up front). Each
-    document goes to the split given by `split_of` and is appended, followed by EOS, to its split's packer; full
-    rows are yielded as they complete, the final short rows of train then val at the end. `max_tokens` caps the
-    domain's tokens (both splits, EOS included): reading stops there and the last document is cut so the total is
-    exactly the cap. `stats` (optional) is filled in as rows are produced.
+    document goes to the split given by `split_of` (of its text, or of a conversation's record) and to its split's
+    packer (`reading.packing`); full rows are yielded as they complete, the final short rows of train then val at
+    the end. `max_tokens` caps the domain's tokens (both splits): reading stops there and the last document is cut
+    so the total is exactly the cap. `stats` (optional) is filled in as rows are produced.
     """
     specs = [spec] if isinstance(spec, DataSpec) else list(spec)
     domains = {s.domain for s in specs}
@@ -437,29 +579,38 @@ def iter_split_rows(spec: DataSpec | Sequence[DataSpec], tokenizer, seq_len: int
         raise KdcacheError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if max_tokens is not None and max_tokens < 1:
         raise KdcacheError(f"max_tokens must be at least 1, got {max_tokens}")
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None:
         raise KdcacheError("the tokenizer has no EOS token; packing needs one between documents")
     stats = stats if stats is not None else CorpusStats()
-    packers = {split: _Packer(seq_len) for split in SPLITS}
+    isolated = reading.packing == "isolated"
+    packers = {split: _Packer(seq_len, isolated) for split in SPLITS}
     files = [f for s in specs for f in resolve_files(s)]
     budget = max_tokens
-    with contextlib.closing(_tokenized_documents(files, tokenizer, text_field, stats, batch_size)) as documents:
-        for text, ids in documents:
-            split = split_of(text, seed, val_fraction)
-            tokens = _with_eos(ids, eos_id)[:budget]
-            stats.documents[split] += 1
-            stats.tokens[split] += len(tokens)
-            for row in packers[split].add(tokens):
-                yield split, _next_row_index(stats, split), row
-            if budget is not None:
-                budget -= len(tokens)
-                if budget == 0:
-                    stats.capped = True
-                    break
+    documents = _tokenized_documents(files, tokenizer, text_field, stats, batch_size, reading)
+    with contextlib.closing(documents):
+        for key, tokens, trained, is_text in documents:
+            split = split_of(key, seed, val_fraction)
+            pieces = _fit(tokens, trained, is_text, seq_len, stats) if isolated else [(tokens, trained)]
+            for tokens, trained in pieces:
+                tokens, trained = tokens[:budget], trained[:budget]
+                stats.documents[split] += 1
+                stats.tokens[split] += len(tokens)
+                for row in packers[split].add(tokens, trained):
+                    yield split, _next_row_index(stats, split, row), row
+                if budget is not None:
+                    budget -= len(tokens)
+                    if budget == 0:
+                        break
+            if budget == 0:
+                stats.capped = True
+                break
     if not sum(stats.documents.values()):
+        skipped = [f"{n} {what} skipped" for n, what in ((stats.skipped_empty, "empty"),
+                                                         (stats.no_response, "without an assistant turn to train on"),
+                                                         (stats.truncated, "with no response left at --seq-len"))
+                   if n]
         raise KdcacheError(f"domain {specs[0].domain!r}: no documents in {', '.join(s.path for s in specs)} "
-                           f"({stats.skipped_empty} empty skipped)")
+                           f"({'; '.join(skipped) or 'none skipped'})")
     for split in SPLITS:
         if (tail := packers[split].flush()) is not None:
-            yield split, _next_row_index(stats, split), tail
+            yield split, _next_row_index(stats, split, tail), tail

@@ -54,7 +54,7 @@ def run_merge(cfg: MergeConfig) -> str:
     merged = Manifest(teacher=(engines or [manifests[0].teacher])[0], tokenizer=manifests[0].tokenizer,
                       top_k=manifests[0].top_k, seq_len=manifests[0].seq_len, codec=manifests[0].codec,
                       split=manifests[0].split, splits=splits, capture_config=base,
-                      created_by=manifests[0].created_by)
+                      created_by=manifests[0].created_by, packing=manifests[0].packing)
     commit_cache(list(zip(parts, manifests)), out, identity, merged)
     log.info("merged %d parts into %s: %d shards", len(parts), out, len(merged.shards()))
     return out

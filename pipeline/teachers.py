@@ -1,7 +1,9 @@
 """Teacher engines: token rows in, the teacher's top-k per position out. The only module that imports vllm.
 
-An engine's topk(rows, k) returns results whose rows() gives per row of T tokens (position t = distribution over
-token t+1; the last position holds none):
+An engine's topk(rows, k, doc_lengths) returns results whose rows() gives per row of T tokens (position t =
+distribution over token t+1; the last position holds none). doc_lengths (per row, None: the row is one stream)
+keeps the documents of an isolated-packed row apart: HF runs them with block-diagonal attention and positions
+restarting at 0, vLLM as one prompt each (a document's last position then holds no distribution either):
     topk_ids (T, K) int32, sorted by descending logprob      topk_logprobs (T, K) float32, -inf at T-1
     target_logprobs (T,) float32: log p of the actual next token, NaN at T-1
 Log-probabilities are log_softmax of the raw logits at temperature 1 (vLLM's `raw_logprobs`).
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from cache_format import KdcacheError
+from cache_format.schema import position_ids
 
 log = logging.getLogger("kdcache")
 TopkRow = tuple[np.ndarray, np.ndarray, np.ndarray]   # topk_ids (T, K), topk_logprobs (T, K), target_logprobs (T,)
@@ -143,15 +146,15 @@ class HFTeacher:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
     @torch.inference_mode()
-    def topk(self, rows: list[np.ndarray], k: int) -> PendingRows:
-        logits_of, next_ids = self._logits(rows)
+    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None) -> PendingRows:
+        logits_of, next_ids = self._logits(rows, doc_lengths)
         return PendingRows(*topk_logprobs(logits_of, next_ids, self.vocab_size, k), [len(r) for r in rows])
 
     @torch.inference_mode()
-    def sample(self, rows: list[np.ndarray], n: int, seeds: list[int]) -> PendingRows:
+    def sample(self, rows: list[np.ndarray], n: int, seeds: list[int], doc_lengths: list | None = None) -> PendingRows:
         """Sampled targets per row (sample_targets, the generator seeded per row), in the topk layout with K = n,
         log(count / n) as logprobs."""
-        logits_of, next_ids = self._logits(rows)
+        logits_of, next_ids = self._logits(rows, doc_lengths)
         ids, lps, target, start = [], [], [], 0
         for r, seed in zip(rows, seeds):
             sl = slice(start, start + len(r) - 1)
@@ -161,20 +164,23 @@ class HFTeacher:
             start += len(r) - 1
         return PendingRows(torch.cat(ids), torch.cat(lps), torch.cat(target), [len(r) for r in rows])
 
-    def _logits(self, rows: list[np.ndarray]):
+    def _logits(self, rows: list[np.ndarray], doc_lengths: list | None = None):
         """One forward over the batch -> (logits_of, next_ids): logits_of(slice) gives the logits (n', V) of those
-        of the N positions that predict a token (row by row, N = sum(len - 1)); next_ids (N,) those tokens. Rows
-        of equal length run as one (B, T) batch without a mask; a shorter row is right-padded and masked."""
+        of the N positions that predict a token (row by row, N = sum(len - 1)); next_ids (N,) those tokens. The
+        rows run as one right-padded (B, T) batch with position_ids and no attention mask: transformers then keeps
+        each document (position ids restarting at 0) and the padding (its own, from 0) apart."""
         B, T = len(rows), max(len(r) for r in rows)
+        doc_lengths = doc_lengths or [None] * B
+        lengths = torch.tensor([len(r) for r in rows])                     # (B,)
         input_ids = torch.zeros(B, T, dtype=torch.long)                    # (B, T)
-        mask = torch.zeros(B, T, dtype=torch.long)
-        for b, r in enumerate(rows):
+        positions = torch.arange(T)[None, :] - lengths[:, None]            # (B, T) the padding's, from 0
+        for b, (r, docs) in enumerate(zip(rows, doc_lengths)):
             input_ids[b, : len(r)] = torch.from_numpy(r.astype(np.int64))
-            mask[b, : len(r)] = 1
-        keep = mask[:, 1:].bool().to(self.device)                          # (B, T-1) positions that predict
+            positions[b, : len(r)] = torch.from_numpy(position_ids(docs, len(r)).astype(np.int64))
+        keep = (torch.arange(T - 1)[None, :] < lengths[:, None] - 1).to(self.device)   # (B, T-1) predicting
         input_ids = input_ids.to(self.device, non_blocking=True)
-        mask = None if mask.all() else mask.to(self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)    # (B*T, V)
+        logits = self.model(input_ids=input_ids, position_ids=positions.to(self.device),
+                            use_cache=False).logits.flatten(0, 1)                      # (B*T, V)
         index = (torch.arange(B, device=self.device)[:, None] * T
                  + torch.arange(T - 1, device=self.device)).masked_select(keep)            # (N,) rows of logits
         return (lambda sl: logits.index_select(0, index[sl])), input_ids[:, 1:].masked_select(keep)
@@ -192,6 +198,20 @@ class _Later:
 
     def rows(self) -> list[TopkRow]:
         return self.compute().rows()
+
+
+class _Joined:
+    """Results per document joined back into rows of `counts[i]` documents each."""
+
+    def __init__(self, results, counts: list[int]):
+        self.results, self.counts = results, counts
+
+    def rows(self) -> list[TopkRow]:
+        docs, out = iter(self.results.rows()), []
+        for n in self.counts:
+            parts = [next(docs) for _ in range(n)]
+            out.append(tuple(np.concatenate(arrays) for arrays in zip(*parts)))
+        return out
 
 
 # Architectures whose logits are exactly final_hidden @ W.T (no bias, scale or soft-cap), W the lm_head or, tied,
@@ -248,7 +268,11 @@ class VLLMTeacher:
         if head is not None:
             self.head = head.to(device, model_config.dtype)                # (V, d)
 
-    def topk(self, rows: list[np.ndarray], k: int) -> "PendingRows | _Later":
+    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None) -> "PendingRows | _Later | _Joined":
+        if doc_lengths is not None and any(d is not None for d in doc_lengths):   # one prompt per document
+            docs = [piece for r, d in zip(rows, doc_lengths)
+                    for piece in (np.split(r, np.cumsum(d)[:-1]) if d is not None else [r])]
+            return _Joined(self.topk(docs, k), [len(d) if d is not None else 1 for d in doc_lengths])
         lengths = [len(r) for r in rows]
         if self.output == "hidden":
             hidden, next_ids = self.hidden_states(rows)

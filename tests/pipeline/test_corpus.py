@@ -290,7 +290,7 @@ def test_pack_documents():
 def split_rows(spec, tokenizer, **kw):
     stats = CorpusStats()
     args = {"seq_len": 32, "seed": 3, "val_fraction": 0.3, "text_field": "text", "max_tokens": None} | kw
-    rows = [(s, i, r.tolist()) for s, i, r in iter_split_rows(spec, tokenizer, stats=stats, **args)]
+    rows = [(s, i, r.input_ids.tolist()) for s, i, r in iter_split_rows(spec, tokenizer, stats=stats, **args)]
     return rows, stats
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .errors import CacheError
 from .reader import open_cache
+from .schema import shard_schema
 
 
 @dataclass(frozen=True)
@@ -22,17 +23,19 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
     shards = rows = tokens = nbytes = 0
     for split, domains in sorted(m.splits.items()):
         for domain, info in sorted(domains.items()):
-            if sum(s.rows for s in info.shards) != info.rows or sum(s.tokens for s in info.shards) != info.tokens:
+            if sum(s.rows for s in info.shards) != info.rows or sum(s.tokens for s in info.shards) != info.tokens \
+                    or sum(s.supervised for s in info.shards) != info.supervised_tokens:
                 raise CacheError(f"{cache.root}/manifest.json: {split}/{domain} totals do not add up over its shards")
             for shard in info.shards:
                 where = cache.where(shard.path)
                 cache.check_shard(shard)
                 pf = cache._parquet(shard)
-                if pf.schema_arrow != cache.codec.arrow_schema:
-                    raise CacheError(f"{where}: schema does not match codec {cache.codec.name}: {pf.schema_arrow}")
+                if pf.schema_arrow != shard_schema(cache.codec, m.packing):
+                    raise CacheError(f"{where}: schema does not match codec {cache.codec.name} with {m.packing} "
+                                     f"packing: {pf.schema_arrow}")
                 if pf.metadata.num_rows != shard.rows:
                     raise CacheError(f"{where}: {pf.metadata.num_rows} rows, manifest says {shard.rows}")
-                shard_tokens = 0
+                shard_tokens = shard_supervised = 0
                 for g in range(pf.metadata.num_row_groups):
                     for row in cache.read_row_group(shard, g):
                         if row["domain"] != domain:
@@ -41,8 +44,10 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
                         if len(row["input_ids"]) > m.seq_len:
                             raise CacheError(f"{where}: row {row['row_index']} is longer than seq_len={m.seq_len}")
                         shard_tokens += len(row["input_ids"])
-                if shard_tokens != shard.tokens:
-                    raise CacheError(f"{where}: {shard_tokens} tokens, manifest says {shard.tokens}")
+                        shard_supervised += int(row["supervised"].sum())
+                if shard_tokens != shard.tokens or shard_supervised != shard.supervised:
+                    raise CacheError(f"{where}: {shard_tokens} tokens ({shard_supervised} supervised), manifest says "
+                                     f"{shard.tokens} ({shard.supervised})")
                 shards += 1
                 rows += shard.rows
                 tokens += shard.tokens

@@ -153,6 +153,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     if _check_identity(out, identity):
         log.info("%s is already complete (same options): nothing to do", out)
         return out
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     storage.write_json(out / CONFIG_NAME, identity)
     codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
@@ -179,6 +180,10 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
                 info = _capture_shard(out, rel, rows, j * R, domain, teacher, cfg, codec, bar)
                 teacher_tokens += info.tokens
             shards[(split, domain)].append(info)
+    except BaseException:
+        if fresh and not any(shards.values()):             # failed before its first shard: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         bar.close()
         if teacher is not None:

@@ -50,7 +50,7 @@ def _present(record: dict, key: str) -> bool:
     return record.get(key) is not None
 
 
-def _show(value, limit: int = 60) -> str:
+def show(value, limit: int = 60) -> str:
     s = repr(value)
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
@@ -72,8 +72,8 @@ def record_format(record: dict, text_field: str, where: str) -> str:
         has, lacks = ("prompt", "completion") if _present(record, "prompt") else ("completion", "prompt")
         raise KdcacheError(f"{where}: has {has!r} but no {lacks!r} (a prompt-completion record needs both)")
     fields = sorted(k for k, v in record.items() if v is not None)
-    raise KdcacheError(f"{where}: no {text_field!r}, 'messages' or 'prompt' + 'completion' field "
-                       f"(fields: {', '.join(fields) or 'none'})")
+    raise KdcacheError(f"{where}: no field {text_field!r} (fields: {', '.join(fields) or 'none'}); choose one with "
+                       "--text-field, or give 'messages' or 'prompt' + 'completion'")
 
 
 def check_messages(messages, where: str, name: str = "messages") -> list[dict]:
@@ -82,20 +82,20 @@ def check_messages(messages, where: str, name: str = "messages") -> list[dict]:
     failure is a one-line KdcacheError naming `where` and the field, e.g. "messages[2].role 'bot' is not ..."."""
     if not isinstance(messages, list) or not messages:
         raise KdcacheError(f"{where}: {name} must be a non-empty list of {{role, content}} messages, "
-                           f"got {_show(messages)}")
+                           f"got {show(messages)}")
     out = []
     for i, m in enumerate(messages):
         at = f"{name}[{i}]"
         if not isinstance(m, dict):
-            raise KdcacheError(f"{where}: {at} must be a {{role, content}} object, got {_show(m)}")
+            raise KdcacheError(f"{where}: {at} must be a {{role, content}} object, got {show(m)}")
         for key in ("role", "content"):
             if m.get(key) is None:
                 raise KdcacheError(f"{where}: {at} has no {key!r}")
         if m["role"] not in ROLES:
-            raise KdcacheError(f"{where}: {at}.role {_show(m['role'])} is not one of {', '.join(ROLES)}")
+            raise KdcacheError(f"{where}: {at}.role {show(m['role'])} is not one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise KdcacheError(f"{where}: {at}.content must be a string, got {type(m['content']).__name__} "
-                               f"{_show(m['content'])}")
+                               f"{show(m['content'])}")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 

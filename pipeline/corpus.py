@@ -6,9 +6,10 @@ one stream cut at seq_len (text: EOS after each); `isolated` puts whole document
 seq_len is truncated, text split into seq_len pieces) and records their lengths, so that teacher and student see
 each document alone. A row's position t is *supervised* when token t+1 is trained and in the same document.
 
-Files are streamed one at a time (never the whole corpus in memory). JSON, JSON Lines, Parquet and `save_to_disk`
-directories are read through `datasets`; `.txt` files (one document per non-empty line) are read line by line here,
-because `datasets` 5.2 ignores `encoding_errors` for compressed text files and would crash on invalid UTF-8.
+Files are streamed one at a time (never the whole corpus in memory). Parquet and `save_to_disk` directories are
+read through `datasets`; `.txt` files (one document per non-empty line) and JSON Lines are read line by line here
+(`datasets` 5.2 ignores `encoding_errors` for compressed files, and its JSON reader casts mixed-type fields, e.g.
+a number among strings, to strings: a bad record would pass unnoticed), a `.json` array with `json.loads`.
 Invalid UTF-8 in `.txt` and JSON Lines files (plain or compressed) is replaced with U+FFFD, counted, and reported
 once per file on the "kdcache" logger.
 """
@@ -47,11 +48,6 @@ _DOMAIN = re.compile(r"[A-Za-z0-9_.-]+")
 _READ_ERRORS = (pa.ArrowException, ValueError, OSError, EOFError, zstandard.ZstdError)
 _BATCH_ROWS = 1024
 _GLOB_CHARS = re.compile(r"[*?[]")
-
-# `datasets` logs an extra "Failed to load JSON ..." line before raising; we re-raise it as one KdcacheError.
-logging.getLogger("datasets.packaged_modules.json.json").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load JSON"))
-
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -276,64 +272,65 @@ def _table_batches(ds, path: str, text_field: str, fmt: str) -> Iterator[list]:
         yield column.to_pylist()
 
 
+def _json_batches(path: str) -> Iterator[list[dict]]:
+    """Records of a JSON Lines file (a `.json` file may hold JSON Lines too), or of a `.json` array, in batches;
+    KdcacheError naming the line of the first malformed one."""
+    with _open_binary(path) as f:
+        is_array = f.read(64).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
+    if is_array:
+        with _open_binary(path) as f:
+            try:
+                records = json.loads(f.read().decode("utf-8").lstrip("\ufeff"))
+            except UnicodeDecodeError as e:
+                raise KdcacheError(f"{path}: invalid UTF-8 at byte {e.start} (only JSON Lines files are read with "
+                                   "replacement)") from None
+            except json.JSONDecodeError as e:
+                raise KdcacheError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not all(isinstance(r, dict) for r in records):
+            raise KdcacheError(f"{path}: malformed JSON: expected an array of objects")
+        yield from _batched(records, _BATCH_ROWS)
+        return
+    n = 0
+    for lines in _text_batches(path):
+        batch = []
+        for line in lines:
+            n += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.lstrip("\ufeff") if n == 1 else line)
+            except json.JSONDecodeError as e:
+                raise KdcacheError(f"{path}: malformed JSON at line {n}: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise KdcacheError(f"{path}: malformed JSON Lines at line {n}: not an object")
+            batch.append(record)
+        yield batch
+
+
 def _file_batches(path: str, text_field: str, fmt: str) -> Iterator[list]:
-    """Batches of one file's records: strings (text) or dicts (see _table_batches). JSON Lines bytes are decoded
-    with the counting replacement handler."""
+    """Batches of one file's records: strings (text lines, a text column) or dicts (JSON records, see
+    _table_batches). Text and JSON Lines bytes are decoded with the counting replacement handler."""
     kind = _format(path)
     if kind == "text":
         if fmt in ("chat", "prompt-completion"):
             raise KdcacheError(f"{path}: --format {fmt} needs records (JSON, JSON Lines, Parquet or a save_to_disk "
                                "directory), not lines of text")
         return _text_batches(path)
+    if kind == "json":
+        return _json_batches(path)
     from datasets import load_dataset, load_from_disk  # heavy import, only when reading
 
     if kind == "dataset":
         return _table_batches(load_from_disk(path), path, text_field, fmt)
-    if kind == "parquet" and pq.ParquetFile(path).metadata.num_rows == 0:  # datasets fails on it ("BatchSize")
+    if pq.ParquetFile(path).metadata.num_rows == 0:       # datasets fails on it ("BatchSize")
         return iter(())
-    # encoding "utf_8" (not "utf-8") makes the json builder decode with encoding_errors instead of handing the raw
-    # bytes to pyarrow, which rejects invalid UTF-8.
-    options = {"encoding": "utf_8", "encoding_errors": "kdcache-replace", "parse_agent_traces": False}
-    try:
-        ds = load_dataset(kind, data_files=[path], split="train", streaming=True,
-                          **(options if kind == "json" else {}))
-    except StopIteration:  # the json builder's schema inference on an empty file
-        return iter(())
-    return _table_batches(ds, path, text_field, fmt)
-
-
-def _json_problem(path: str) -> str | None:
-    """Where and why a JSON (Lines) file first fails to parse, or None if it parses."""
-    with _open_binary(path) as f:
-        is_array = f.read(64).lstrip(codecs.BOM_UTF8 + b" \t\r\n").startswith(b"[")
-    with _open_binary(path) as f:
-        if is_array:
-            try:
-                json.loads(f.read())
-            except UnicodeDecodeError as e:
-                return f"invalid UTF-8 at byte {e.start} (only JSON Lines files are read with replacement)"
-            except json.JSONDecodeError as e:
-                return f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-            return None
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line.decode("utf-8", "replace"))
-                except json.JSONDecodeError as e:
-                    return f"malformed JSON at line {n}: {e.msg}"
-                if not isinstance(record, dict):
-                    return f"malformed JSON Lines at line {n}: not an object"
-    return None
+    return _table_batches(load_dataset("parquet", data_files=[path], split="train", streaming=True), path,
+                          text_field, fmt)
 
 
 def _read_error(path: str, error: Exception) -> KdcacheError:
-    """The error for a file that failed to read: the JSON problem with its line where one is found."""
-    try:
-        problem = _json_problem(path) if _format(path) == "json" else None
-    except _READ_ERRORS:  # e.g. a corrupt .gz: the original error says it
-        problem = None
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return KdcacheError(f"{path}: {problem or 'cannot read: ' + detail}")
+    return KdcacheError(f"{path}: cannot read: {detail}")
 
 
 @dataclass(frozen=True)
@@ -349,14 +346,17 @@ def _document(value, path: str, n: int, text_field: str, fmt: str) -> "str | Con
     """Record n of a file (a string, or a dict from a records batch) as a text document or a Conversation."""
     if isinstance(value, str) or value is None:
         if value is None:
-            raise KdcacheError(f"{path}: row {n} has no {text_field!r} field")
+            raise KdcacheError(f"{path}: record {n} has no {text_field!r} field")
         return value
     where = f"{path}: record {n}"
     kind = chat.record_format(value, text_field, where) if fmt == "auto" else fmt
     if kind == "text":
         text = value.get(text_field)
+        if text is None:
+            fields = ", ".join(sorted(k for k, v in value.items() if v is not None)) or "none"
+            raise KdcacheError(f"{where}: no field {text_field!r} (fields: {fields}); choose one with --text-field")
         if not isinstance(text, str):
-            raise KdcacheError(f"{where}: field {text_field!r} must be a string, got {chat._show(text)}")
+            raise KdcacheError(f"{where}: field {text_field!r} holds a non-string value {chat.show(text)}")
         return text
     key = json.dumps({k: v for k, v in value.items() if k in _RECORD_FIELDS}, sort_keys=True, ensure_ascii=False)
     return Conversation(where, key, chat.to_messages(value, kind, where))

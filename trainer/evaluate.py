@@ -8,6 +8,9 @@ Over every position with a teacher distribution (the batch's loss_mask), per dom
                 (trainer.losses.check_sampled_targets)
     ppl         exp(student_ce)
 `mean` averages these over domains (each domain counts once) and sums `tokens`.
+With `generate` (conversations per domain), run_eval also scores greedy replies with ROUGE-L (trainer.generate):
+the student's in report["generate"]["student"] and as `rouge_l` per domain and in the mean; with `teacher`, the
+teacher's own under report["generate"]["teacher"] (the ceiling).
 
 Rows are read in cache order (domains sorted, shards and row groups in manifest order) and batched with
 trainer.data.collate; one batch's logits exist at a time and the losses are computed in chunks of positions.
@@ -23,6 +26,7 @@ from cache_format import Cache, CacheError, KdcacheError, open_cache, storage
 from trainer.data import check_cache, collate
 from trainer.ddk import perplexity
 from trainer.distributed import Dist, all_reduce_sum
+from trainer.generate import generation_report
 from trainer.losses import LOSSES, cross_entropy
 from trainer.student import load_student
 
@@ -38,18 +42,57 @@ class EvalConfig:
     max_rows_per_domain: int | None = None   # None: every row
     out: str | None = None                   # also write the report, with this config, as JSON here
     device: str | None = None                # None: cuda if available, else cpu
+    generate: int = 0                        # conversations per domain whose last reply is generated (0: off)
+    max_new_tokens: int = 128                # per generated reply
+    teacher: str | None = None               # HF model dir: its greedy replies are scored too (the ceiling)
+
+    def __post_init__(self):
+        if self.generate < 0:
+            raise KdcacheError(f"--generate {self.generate}: must be >= 0")
+        if self.max_new_tokens < 1:
+            raise KdcacheError(f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
+        if self.teacher is not None and not self.generate:
+            raise KdcacheError(f"--teacher {self.teacher}: only scores generated replies; add --generate N")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """`kdcache eval`: load the student (its tokenizer checked against the cache's) and return evaluate()'s report;
-    with cfg.out, also write it there (atomically) with the config under "config"."""
+    """`kdcache eval`: load the student (its tokenizer checked against the cache's) and return evaluate()'s report,
+    with cfg.generate also the "generate" block (module doc); with cfg.out, also write it there (atomically) with
+    the config under "config"."""
     cache = open_cache(cfg.cache)
-    model, _ = load_student(cfg.student, cache.manifest, cfg.device)
+    model, tokenizer = load_student(cfg.student, cache.manifest, cfg.device)
+    gen = {}
+    if cfg.generate:                 # first: a cache without replies is refused before the long CE pass
+        split_domains(cache, cfg.split)
+        gen["student"] = generation_report(cache, model, tokenizer, cfg.split, cfg.generate, cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size)
     report = evaluate(cache, model, split=cfg.split, batch_size=cfg.batch_size,
                       max_rows_per_domain=cfg.max_rows_per_domain)
+    if cfg.generate:
+        for name, stats in [*gen["student"]["domains"].items(), ("mean", gen["student"]["mean"])]:
+            (report["mean"] if name == "mean" else report["domains"][name])["rouge_l"] = stats["rouge_l"]
+        if cfg.teacher is not None:
+            del model                                            # one model in memory at a time
+            try:
+                teacher, teacher_tok = load_student(cfg.teacher, cache.manifest, cfg.device)
+            except KdcacheError as e:
+                raise KdcacheError(f"--teacher: {e}") from None
+            gen["teacher"] = generation_report(cache, teacher, teacher_tok, cfg.split, cfg.generate,
+                                               cfg.max_new_tokens, batch_size=cfg.batch_size)
+        report["generate"] = gen
     if cfg.out:
         storage.write_json(cfg.out, {**report, "config": dataclasses.asdict(cfg)})
     return report
+
+
+def split_domains(cache: Cache, split: str) -> list[str]:
+    """The split's domains after the cheap shard check; KdcacheError for a split without rows."""
+    check_cache(cache, split)
+    domains = cache.domains(split)
+    if not domains:
+        hint = " (capture with --val-fraction > 0 to get a val split)" if split == "val" else ""
+        raise KdcacheError(f"{cache.root}: split {split!r} has no rows{hint}")
+    return domains
 
 
 def _batches(cache: Cache, split: str, domain: str, batch_size: int, max_rows: int | None, ranks: Dist):
@@ -88,11 +131,7 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
     """
     if batch_size < 1:
         raise KdcacheError(f"batch_size must be >= 1, got {batch_size}")
-    check_cache(cache, split)
-    domains = cache.domains(split)
-    if not domains:
-        hint = " (capture with --val-fraction > 0 to get a val split)" if split == "val" else ""
-        raise KdcacheError(f"{cache.root}: split {split!r} has no rows{hint}")
+    domains = split_domains(cache, split)
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()

@@ -155,7 +155,7 @@ def test_record_format():
     one_line_error(e, WHERE, "has 'prompt' but no 'completion'")
     with pytest.raises(KdcacheError) as e:
         record_format({"body": "a"}, "text", WHERE)
-    one_line_error(e, WHERE, "no 'text', 'messages' or 'prompt' + 'completion' field", "fields: body")
+    one_line_error(e, WHERE, "no field 'text' (fields: body)", "'messages' or 'prompt' + 'completion'")
 
 
 @pytest.mark.parametrize("messages, expected", [

@@ -4,12 +4,12 @@ Per position t the encoder keeps k_t <= K entries (all K, or the smallest prefix
 smallest prefix whose extra KL is within `kl_budget`, or within the row's `kl_scale` budget), then stores per row
 of T positions, little-endian:
     input_ids  (T,)       token ids                                          id_width bytes (1, 2 or 4, from V)
-    counts     (T,)       k_t, 0 at the last position                        count_width bytes (1; 2 when K > 255)
+    counts     (T,)       k_t; 0 = no distribution (the last position, unsupervised ones)   count_width bytes (1; 2 when K > 255)
     ids        (sum k_t,) kept ids, each position's in descending-logprob order   id_width bytes
     values     topk: (sum k_t,) uint8 depth-code increments mod 256 along the row;  sampled: uint8 draw counts c
     tail       topk: (T,) uint16 code of log(tail mass / p_1);   sampled: empty
     slots      topk: (T,) the actual next token's slot among the kept ids, or no_slot;   sampled: empty
-    targets    float16 log p of the actual next token: topk where it has no slot, sampled at every position but T-1
+    targets    float16 log p of the actual next token at positions with k_t > 0: topk where it has no slot, sampled at all
 Depth code of entry j: round(SQRT_SCALE * sqrt(lp_1 - lp_j)), 0 for the top-1; codes above 254 (depth > 24.8
 nats) are not kept. Decoding normalises with the tail, so the decoded head plus tail mass is exactly 1:
 lp_j = -depth_j - log(sum_j exp(-depth_j) + exp(r_tail)). A row group decodes at once, without per-token Python.
@@ -174,7 +174,7 @@ class TopkV2:
             counts = np.rint(np.exp(lp) * self.samples)                           # (T, K) 0 at -inf
             k = (counts > 0).sum(1)                                                # (T,)
             kept = np.arange(self.top_k) < k[:, None]                              # (T, K)
-            values, tail, slots, out_targets = counts[kept], np.zeros(0), np.zeros(0), target[:-1]
+            values, tail, slots, out_targets = counts[kept], np.zeros(0), np.zeros(0), target[k > 0]
         else:
             k = keep_counts(lp, self.vocab_size, self.top_p, self.kl_budget, self.kl_scale)   # (T,)
             kept = np.arange(self.top_k) < k[:, None]                              # (T, K)
@@ -190,9 +190,9 @@ class TopkV2:
             tail = np.where(np.isfinite(r_tail) & (k > 0),
                             np.clip(np.rint((r_tail + 128.0) * TAIL_STEP), 1, 65535), 0)
             hit = (ids[:-1] == r["input_ids"][1:, None]) & kept[:-1]               # (T-1, K)
-            inside = hit.any(1)                                                    # (T-1,)
-            slots = np.append(np.where(inside, hit.argmax(1), self.no_slot), self.no_slot)  # (T,)
-            out_targets = target[:-1][~inside]
+            inside = np.append(hit.any(1), False)                                  # (T,)
+            slots = np.where(inside, np.append(hit.argmax(1), 0), self.no_slot)   # (T,)
+            out_targets = target[(k > 0) & ~inside]
         return {"input_ids": _pack(r["input_ids"], self.id_width), "counts": _pack(k, self.count_width),
                 "ids": _pack(ids[kept], self.id_width), "values": values.astype(np.uint8).tobytes(),
                 "tail": _pack(tail, 2), "slots": _pack(slots, self.count_width),
@@ -211,17 +211,16 @@ class TopkV2:
         if not np.array_equal(lengths, n_counts) or counts.max(initial=0) > self.top_k:
             raise CacheError(f"{where}: field 'counts' does not match the rows' lengths and top_k={self.top_k}")
         ends = np.cumsum(lengths)                                                                # (R,)
-        last = np.zeros(len(input_ids), bool)                                                    # (N,)
-        last[ends[lengths > 0] - 1] = True
-        arrays = self._decode_positions(input_ids, counts, last, parts, where)
+        arrays = self._decode_positions(counts, parts, where)
         row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
         for i, (a, b) in enumerate(zip(ends - lengths, ends)):
             yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
                    **{key: v[a:b] for key, v in arrays.items()}}
 
-    def _decode_positions(self, input_ids, counts, last, parts, where) -> dict:
+    def _decode_positions(self, counts, parts, where) -> dict:
         """N positions of concatenated rows -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,).
-        Works on the n = sum counts kept entries (flat) and scatters them once into the padded (N, K) arrays."""
+        Works on the n = sum counts kept entries (flat) and scatters them once into the padded (N, K) arrays;
+        a position with no entries has no distribution and no target (NaN)."""
         K, N = self.top_k, len(counts)
         flat_ids, _ = _unpack(*parts["ids"], self.id_width, where, "ids")                    # (n,)
         (v_offsets, v_data), targets = parts["values"], _concat(*parts["targets"])
@@ -231,15 +230,16 @@ class TopkV2:
             raise CacheError(f"{where}: field 'ids', 'values' or 'targets' does not match the counts")
         targets = targets.view("<f2")
         kept = np.arange(K) < counts[:, None]                                                   # (N, K)
+        empty = counts == 0                                                                     # (N,)
         ids = np.zeros((N, K), np.int32)
         ids[kept] = flat_ids
         lp = np.full((N, K), -np.inf, np.float32)
         target = np.full(N, np.nan, np.float32)                                                 # (N,)
         if self.targets == "sampled":
-            if len(targets) != int((~last).sum()):
-                raise CacheError(f"{where}: field 'targets' does not match the rows' lengths")
+            if len(targets) != int((~empty).sum()):
+                raise CacheError(f"{where}: field 'targets' does not match the counts")
             lp[kept] = np.log(values.astype(np.float32) / self.samples)
-            target[~last] = targets
+            target[~empty] = targets
             return {"topk_ids": ids, "topk_logprobs": lp, "target_logprobs": target}
         tail_code, _ = _unpack(*parts["tail"], 2, where, "tail")                              # (N,)
         slots, _ = _unpack(*parts["slots"], self.count_width, where, "slots")                 # (N,)
@@ -259,9 +259,9 @@ class TopkV2:
         lp[kept] = -DEPTH[codes]
         lp -= norm[:, None]
         inside = slots < np.minimum(counts, self.no_slot)                                      # (N,)
-        if int((~inside & ~last).sum()) != len(targets) or (inside & last).any():
+        if int((~inside & ~empty).sum()) != len(targets):
             raise CacheError(f"{where}: field 'targets' has {len(targets)} values, expected "
-                             f"{int((~inside & ~last).sum())}")
+                             f"{int((~inside & ~empty).sum())}")
         target[inside] = lp[inside, slots[inside]]
-        target[~inside & ~last] = targets
+        target[~inside & ~empty] = targets
         return {"topk_ids": ids, "topk_logprobs": lp, "target_logprobs": target}

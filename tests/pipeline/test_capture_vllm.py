@@ -9,6 +9,7 @@ import pytest
 
 from cache_format import open_cache, verify_cache
 from tests.pipeline.test_capture import capture_args, corpus, hf_cache, kdcache  # noqa: F401  (shared fixtures)
+from tests.pipeline.test_capture_chat import chat_cache, chat_capture, chat_corpus, chat_models  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +68,27 @@ def test_hidden_output_refuses_a_head_it_cannot_reproduce(tiny_models, corpus, t
     assert r.returncode != 0
     assert "--vllm-output hidden: ['Gemma2ForCausalLM'] is not one of" in r.stderr.strip().splitlines()[-1]
     assert not list((tmp_path / "cache").rglob("*.parquet"))
+
+
+def test_vllm_isolated_documents_agree_with_hf(chat_models, chat_corpus, chat_cache, tmp_path):  # noqa: F811
+    """A chat cache through vLLM (one prompt per document of an isolated row) equals the HF engine's
+    (block-diagonal attention) within the engines-agree bounds, with the same supervised positions."""
+    args = [a if a != "hf" else "vllm" for a in chat_capture(chat_models, chat_corpus, tmp_path / "cache", "--codec", "v1")]
+    r = kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    v, h = open_cache(tmp_path / "cache"), open_cache(chat_cache)
+    assert v.manifest.packing == "isolated" and v.manifest.teacher.engine == "vllm"
+    top1 = positions = multi = 0
+    max_err = 0.0
+    for rv, rh in zip(v.iter_rows("train"), h.iter_rows("train"), strict=True):
+        for key in ("input_ids", "supervised", "position_ids"):
+            np.testing.assert_array_equal(rv[key], rh[key])
+        multi += int((rv["position_ids"] == 0).sum()) > 1
+        sup = rv["supervised"]
+        top1 += int((rv["topk_ids"][sup, 0] == rh["topk_ids"][sup, 0]).sum())
+        positions += int(sup.sum())
+        same = rv["topk_ids"][sup] == rh["topk_ids"][sup]                              # (n, K)
+        max_err = max(max_err, float(np.abs(rv["topk_logprobs"][sup] - rh["topk_logprobs"][sup])[same].max()),
+                      float(np.abs(rv["target_logprobs"][sup] - rh["target_logprobs"][sup]).max()))
+    assert multi > 0 and top1 / positions >= 0.99, (multi, top1 / positions)
+    assert max_err <= 2e-2, max_err

@@ -14,9 +14,10 @@ import zstandard
 from transformers import AutoTokenizer
 
 from cache_format import KdcacheError
-from pipeline.corpus import (CorpusStats, DataSpec, group_by_domain, iter_documents, iter_split_rows, load_mixture,
-                             pack_documents, parse_data_spec, resolve_files, split_of, tokenize_documents)
-from tests.helpers import domain_texts
+from pipeline.corpus import (CorpusStats, DataSpec, Reading, group_by_domain, iter_documents, iter_split_rows,
+                             load_mixture, pack_documents, parse_data_spec, resolve_files, split_of,
+                             tokenize_documents)
+from tests.helpers import build_tokenizer, domain_texts
 
 DOCS = domain_texts("prose", 40) + ["ünïcödé — “quotes” 数学 🙂", "  leading and trailing spaces  "]
 
@@ -344,3 +345,45 @@ def test_several_specs_of_one_domain_and_determinism(tmp_path, tokenizer):
     assert capped == split_rows(specs, tokenizer, seq_len=16, max_tokens=999)[0]
     with pytest.raises(ValueError, match="exactly one domain"):
         split_rows([specs[0], DataSpec("prose", specs[1].path)], tokenizer)
+
+
+def test_isolated_packing_keeps_documents_whole_and_apart(tmp_path, tokenizer):
+    """Text with --packing isolated: rows hold whole documents (a longer one in seq_len pieces), doc_lengths add up,
+    and no position is supervised across a document boundary; the tokens are concat's in the same order."""
+    docs = domain_texts("code", 30) + [" ".join(["x"] * 70)]
+    spec = DataSpec("code", write_corpus(tmp_path / "c.jsonl", docs))
+    eos = tokenizer.eos_token_id
+    stats = CorpusStats()
+    rows = list(iter_split_rows(spec, tokenizer, 32, 0, 0.0, stats=stats, reading=Reading(packing="isolated")))
+    concat = [t for _, _, r in iter_split_rows(spec, tokenizer, 32, 0, 0.0) for t in r.input_ids.tolist()]
+    assert [t for _, _, r in rows for t in r.input_ids.tolist()] == concat
+    pieces = []
+    for _, _, row in rows:
+        assert sum(row.doc_lengths) == len(row) <= 32
+        ends = np.cumsum(row.doc_lengths)
+        expected = np.ones(len(row), bool)
+        expected[ends - 1] = False                                  # a document's last token predicts nothing
+        np.testing.assert_array_equal(row.supervised, expected)
+        pieces += np.split(row.input_ids, ends[:-1])
+    whole = [d for d in pieces if d[-1] == eos]
+    assert len(whole) == len(docs) and all(len(p) <= 32 for p in pieces)
+    assert sum(stats.supervised.values()) == len(concat) - len(pieces) and stats.truncated == 0
+
+
+def test_conversations_are_truncated_never_split(tmp_path):
+    from tests.pipeline.test_capture_chat import conversations
+    from tests.pipeline.test_chat import CHATML_GEN
+
+    tok = build_tokenizer(tmp_path / "tok")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML_GEN
+    records = conversations(20, seed=0)
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = CorpusStats()
+    rows = list(iter_split_rows(DataSpec("chat", str(path)), tok, 40, 0, 0.0, stats=stats,
+                                reading=Reading(packing="isolated")))
+    assert stats.truncated > 0 and stats.documents["train"] + stats.no_response <= len(records)
+    for _, _, row in rows:
+        assert len(row) <= 40 and tok.decode(row.input_ids).startswith("<|im_start|>")
+        assert all(tok.decode(d).startswith("<|im_start|>") for d in np.split(row.input_ids, np.cumsum(row.doc_lengths)[:-1]))

@@ -1,7 +1,12 @@
 """kdcache demo: the whole pipeline on the shipped reference corpus, teacher and student (no downloads).
 
     capture (vLLM) -> inspect + verify -> student warm-up (CE) -> profile -> train CPT, KD and DDK+AdaKD for the
-    same steps -> eval -> DIR/report.md and PNG plots
+    same steps -> eval -> greedy replies on the chat domain (ROUGE-L) -> DIR/report.md and PNG plots
+
+Four domains are text; `chat` holds instruction conversations, rendered with the teacher's chat template and
+distilled on the replies only, so every document sits alone in its rows (isolated packing) and the chat
+perplexity is over reply tokens. The warmed-up student, each method and the teacher (the ceiling) then answer the
+last user turn of `GENERATE_N` val conversations greedily (trainer.generate), scored with ROUGE-L F1.
 
 The assets in pipeline/assets/reference/ come from scripts/train_reference_teacher.py (see its README.md). The
 student is first trained briefly with plain CE (`warmup_steps`), because DDK and AdaKD distil pretrained students;
@@ -19,10 +24,12 @@ from pathlib import Path
 import click
 import torch
 
-from cache_format import KdcacheError, read_manifest, verify_cache
+from cache_format import KdcacheError, open_cache, read_manifest, verify_cache
 from trainer.config import TrainConfig
+from trainer.generate import generation_report, last_replies
 from trainer.profile import ProfileConfig, format_profile_table, run_profile
 from trainer.run_dir import latest_checkpoint, read_metrics
+from trainer.student import load_student
 from trainer.train import run_train
 
 from .capture import CaptureConfig, run_capture
@@ -32,7 +39,10 @@ from .options import option_args
 log = logging.getLogger("kdcache")
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "reference"
-DOMAINS = ("code", "data", "prose", "arith")
+DOMAINS = ("code", "data", "prose", "arith", "chat")
+CHAT = "chat"                        # the domain of conversations: its replies are generated and scored
+GENERATE_N = 50                      # val conversations whose last reply each model generates
+GENERATE_TOKENS = 32                 # new tokens per reply at most (the references are under 20)
 
 # name: `kdcache train` options of each compared method (everything else is shared)
 METHODS = {
@@ -77,7 +87,7 @@ def _run_stages(cfg: DemoConfig) -> Path:
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    n_stages = 6
+    n_stages = 7
 
     def stage(i: int, msg: str) -> None:
         click.echo(click.style(f"==> [{i}/{n_stages}] {msg}", bold=True), err=True)
@@ -131,17 +141,48 @@ def _run_stages(cfg: DemoConfig) -> Path:
         stage(5, f"train {name} ({i}/{len(METHODS)}): {cfg.steps} steps, {' '.join(option_args(options))} -> {run}")
         evals[name] = timed(name, lambda: _train(TrainConfig(**base, **options, student=str(student), out=str(run))))
 
-    # 6. report + plots
-    stage(6, f"report -> {root / 'report.md'}")
+    # 6. greedy replies on the chat domain, ROUGE-L against the references
+    models = {"student before (warm-up)": student, **{n: root / "runs" / _slug(n) / "final" for n in METHODS},
+              "teacher": ASSETS / "teacher"}
+    stage(6, f"generate: greedy replies to {GENERATE_N} {CHAT} val conversations (<= {GENERATE_TOKENS} tokens) "
+             f"by {len(models)} models, ROUGE-L")
+    rouge = timed("generate", lambda: _generate(cache, models))
+    (root / "generate.json").write_text(json.dumps(rouge, indent=2) + "\n")
+
+    # 7. report + plots
+    stage(7, f"report -> {root / 'report.md'}")
     ddk_run = root / "runs" / _slug("DDK+AdaKD")
     for png in ("domain_weights.png", "domain_loss.png", "adakd.png"):
         shutil.copyfile(ddk_run / png, root / png)
     _plot_val_ppl(profile, evals, root / "val_ppl.png")
     report = _report(cfg, summary, checked.bytes, stats, seconds, profile, evals,
-                     read_metrics(ddk_run / "metrics.jsonl"))
+                     read_metrics(ddk_run / "metrics.jsonl"), rouge)
     (root / "report.md").write_text(report)
-    click.echo(_ppl_table(profile, evals), err=True)
+    click.echo(f"val perplexity ({CHAT}: reply tokens only):\n" + _ppl_table(profile, evals), err=True)
+    click.echo(_rouge_table(rouge), err=True)
     return root / "report.md"
+
+
+def _generate(cache: Path, models: dict[str, Path]) -> dict:
+    """{model name: generation_report on the chat domain's val split} (one model in memory at a time); the
+    examples' prompts keep their special tokens (the turns)."""
+    opened = open_cache(cache)                                   # its text domains have no reply: left out
+    out = {}
+    for name, path in models.items():
+        model, tokenizer = load_student(str(path), opened.manifest)
+        out[name] = generation_report(opened, model, tokenizer, "val", GENERATE_N, GENERATE_TOKENS,
+                                      batch_size=16)["domains"][CHAT]
+        pairs = last_replies(opened, "val", CHAT, len(out[name]["examples"]))
+        for example, (prompt, _) in zip(out[name]["examples"], pairs):
+            example["prompt"] = tokenizer.decode(prompt)
+        click.echo(f"   {name}: ROUGE-L {out[name]['rouge_l']:.3f} over {out[name]['n']} replies", err=True)
+        del model
+    return out
+
+
+def _rouge_table(rouge: dict) -> str:
+    lines = [f"| model | ROUGE-L ({CHAT} val, greedy) |", "|---|---|"]
+    return "\n".join(lines + [f"| {name} | {r['rouge_l']:.3f} |" for name, r in rouge.items()])
 
 
 def _train(cfg) -> dict:
@@ -169,7 +210,8 @@ def _ppl_rows(profile: dict, evals: dict) -> list[tuple[str, dict]]:
 
 def _ppl_table(profile: dict, evals: dict) -> str:
     domains = list(profile["domains"])
-    lines = ["| model | " + " | ".join(domains) + " | average |", "|---" * (len(domains) + 2) + "|"]
+    lines = ["| model | " + " | ".join(f"{d} (replies)" if d == CHAT else d for d in domains) + " | average |",
+             "|---" * (len(domains) + 2) + "|"]
     for name, ppl in _ppl_rows(profile, evals):
         avg = sum(ppl[d] for d in domains) / len(domains)
         lines.append(f"| {name} | " + " | ".join(f"{ppl[d]:.3f}" for d in domains) + f" | **{avg:.3f}** |")
@@ -194,7 +236,7 @@ def _plot_val_ppl(profile: dict, evals: dict, path: Path) -> None:
 
 
 def _report(cfg: DemoConfig, summary: dict, nbytes: int, capture: dict, seconds: dict, profile: dict,
-            evals: dict, ddk_records: list[dict]) -> str:
+            evals: dict, ddk_records: list[dict], rouge: dict) -> str:
     teacher = summary["teacher"]
     total = summary["total"]
     domains = list(profile["domains"])
@@ -237,9 +279,21 @@ def _report(cfg: DemoConfig, summary: dict, nbytes: int, capture: dict, seconds:
         f"Every method starts from the warmed-up student and trains {cfg.steps} steps × {cfg.batch_size} rows × "
         f"{summary['seq_len']} tokens, lr {cfg.lr}, seed {cfg.seed}; the whole val split is evaluated. "
         "CPT = plain CE on the corpus; KD = forward KL to the cached teacher, natural domain mix; "
-        "DDK+AdaKD = the same loss with DDK's domain sampling and AdaKD's token focusing and temperatures.", "",
+        "DDK+AdaKD = the same loss with DDK's domain sampling and AdaKD's token focusing and temperatures. "
+        f"The `{CHAT}` column is the perplexity of the reply tokens only (the conversations' prompts are not "
+        "trained on nor scored); the average counts each domain once.", "",
         _ppl_table(profile, evals), "",
         "![per-domain val perplexity](val_ppl.png)", "",
+        f"## Instruction following: greedy replies on `{CHAT}`", "",
+        f"Each model answers the last user turn of the first {next(iter(rouge.values()))['n']} `{CHAT}` val "
+        f"conversations (the prompt: the conversation up to that reply), greedily, at most {GENERATE_TOKENS} new "
+        "tokens, stopping at the end-of-turn token; ROUGE-L F1 against the reference reply "
+        "(`kdcache eval --generate`'s measure; the teacher is the ceiling):", "",
+        _rouge_table(rouge), "",
+        "| prompt (its end) | reference | " + " | ".join(rouge) + " |", "|---" * (len(rouge) + 2) + "|",
+        *(f"| `{_cell(ex['prompt'])}` | {_cell(ex['reference'])} | "
+          + " | ".join(_cell(r['examples'][i]['reply']) for r in rouge.values()) + " |"
+          for i, ex in enumerate(next(iter(rouge.values()))["examples"])), "",
         "## DDK's domain weights (DDK+AdaKD run)", "",
         "The sampling mix follows the student-teacher gap, re-measured on val rows and smoothed (Eq. 2):", "",
         "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|",
@@ -258,6 +312,12 @@ def _report(cfg: DemoConfig, summary: dict, nbytes: int, capture: dict, seconds:
         "", f"Full runs (metrics.jsonl, TensorBoard logs, checkpoints, final students): `{cfg.out}/runs/`.", "",
     ]
     return "\n".join(lines)
+
+
+def _cell(text: str, tail: int = 60) -> str:
+    """A markdown table cell: one line, pipes escaped, at most the last `tail` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= tail else "…" + text[-tail:]
 
 
 def _milestones(records: list[dict], n: int) -> list[dict]:

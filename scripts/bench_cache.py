@@ -105,7 +105,7 @@ def corpus_rows(teacher: Path, which: str, tokens: int) -> np.ndarray:
         corpus = ROOT / "build/bench-quality/corpus"
         per = tokens // 4
         rows = []
-        for f in sorted(corpus.glob("*.jsonl")):
+        for f in (corpus / f"{d}.jsonl" for d in ("arith", "code", "data", "prose")):   # the text domains
             texts = [json.loads(line)["text"] for line in f.read_text().splitlines()][-400:]
             rows.append(pack(tok, texts, SEQ_LEN)[: max(1, per // SEQ_LEN)])
         return np.concatenate(rows)

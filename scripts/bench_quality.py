@@ -15,6 +15,16 @@
 6. the table (rows = methods, columns = domains + average perplexity), printed and written to --doc
    (default docs/quality.md) with the command, machine, sizes, steps and seconds; a final JSON line.
 
+Instruction rows (`--instruction`): on the chat domain alone (the reference corpus' instruction conversations,
+distilled on the replies), a CE-warmed-up student is distilled by each of INSTRUCTION_METHODS (FKL vs FKL+AdaKD
+vs RKL+AdaKD vs JSD+AdaKD, FKL+AdaKD with LATF or IDTS alone, and plain CE as the no-teacher baseline) over 3 seeds, and scored on the val split by `kdcache eval --generate`: the reply-only
+CE and the ROUGE-L of greedy replies (mean and spread over seeds), plus LATF's focus ratio and IDTS's temperature
+range from each run's metrics.jsonl. It takes the shipped assets (pipeline/assets/reference, the output of
+scripts/train_reference_teacher.py --steps 600 --seed 0) and writes its section of --instruction-doc
+(docs/benchmarks.md) between INSTRUCTION markers, keeping the text around them.
+
+    python scripts/bench_quality.py --instruction [--steps 400] [--pretrain-steps 200] [--seeds 0,1,2]   # ~14 min
+
 A method is one line of METHODS: {name: kdcache train options}. Methods that need a TrainConfig field the trainer
 does not have yet (AdaKD: `adakd`) are skipped with a note. Runs are kept under WORK/runs/<name>-<hash of the
 options>; --reuse skips a run whose eval is already there (same options, same cache and student).
@@ -51,6 +61,19 @@ METHODS = {
     "KD+AdaKD": dict(loss="fkl", adakd=True),
     "DDK+AdaKD": dict(sampling="ddk", adakd=True),
 }
+
+
+# --instruction: name: `kdcache train` options, on the chat cache from the CE-warmed-up student
+INSTRUCTION_METHODS = {
+    "CPT (CE on the references)": dict(loss="ce"),                        # no teacher: the baseline
+    "FKL": dict(loss="fkl"),
+    "FKL+AdaKD": dict(loss="fkl", adakd=True),
+    "RKL+AdaKD": dict(loss="rkl", adakd=True),
+    "JSD+AdaKD": dict(loss="jsd", adakd=True),
+    "FKL+AdaKD, LATF only": dict(loss="fkl", adakd=True, idts=False),      # ablations: which module moves it
+    "FKL+AdaKD, IDTS only": dict(loss="fkl", adakd=True, latf=False),
+}
+CHAT = "chat"
 
 
 def log(msg: str) -> None:
@@ -132,6 +155,60 @@ def table(rows: list[tuple[str, dict]], domains, teacher: dict, spread: dict | N
     return lines
 
 
+def train_run(name: str, student: Path, opts: dict, options: dict, cache: Path, work: Path, env: dict, reuse: bool,
+              reused: list, key_parts: list, show_progress: bool = False) -> tuple[Path, float]:
+    """`kdcache train` with opts (options: the method's own, for the log) into WORK/runs/<name>-s<seed>-<hash of
+    opts, student and key_parts>; (the run, its seconds). With reuse, a finished run is kept (named in reused)."""
+    key = hashlib.sha256(json.dumps([opts, str(student), *key_parts], sort_keys=True).encode()).hexdigest()[:8]
+    run = work / "runs" / f"{slug(name)}-s{opts['seed']}-{key}"
+    if reuse and (run / "final" / "config.json").exists() and (run / "done.json").exists():
+        log(f"[train] {name} (seed {opts['seed']}): reusing {run}")
+        reused.append(run.name)
+        return run, json.loads((run / "done.json").read_text())["seconds"]
+    shutil.rmtree(run, ignore_errors=True)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pipeline", "train", "--cache", str(cache), "--student", str(student), "--out",
+           str(run), *option_args(opts)]
+    log(f"[train] {name} (seed {opts['seed']}): kdcache train {' '.join(option_args(options))}")
+
+    def progress(s):
+        recs = read_metrics(run / "metrics.jsonl")
+        if recs:
+            r = recs[-1]
+            w = " ".join(f"{d}={v:.2f}" for d, v in r.get("domain_weights", {}).items())
+            log(f"  [{name}] step {r['step']}/{opts['steps']} loss {r['loss']:.3f} ({s:.0f}s) weights {w}")
+    sec = run_logged(cmd, run.parent / f"{run.name}.log", env, progress=progress if show_progress else None)
+    (run / "done.json").write_text(json.dumps({"seconds": sec, "cmd": cmd}))
+    return run, sec
+
+
+def command_line(doc_option: str) -> str:
+    """This run's command without the options that do not change results (--reuse, the doc path)."""
+    shown, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a in ("--reuse", doc_option):
+            skip = a == doc_option
+            continue
+        if not a.startswith(doc_option + "="):
+            shown.append(f"'{a}'" if any(c in a for c in " (){}\"") else a)
+    return "python scripts/bench_quality.py " + " ".join(shown)
+
+
+def choose_methods(p, args, base: dict) -> tuple[dict, list[str]]:
+    """(base plus the --extra methods, the names chosen by --methods, default all); p.error on a bad name."""
+    methods = dict(base)
+    for spec in args.extra:
+        cut = spec.find("={")
+        if cut < 1:
+            p.error(f"--extra {spec!r}: expected NAME={{json options}}")
+        methods[spec[:cut]] = json.loads(spec[cut + 1:])
+    chosen = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")] if args.methods \
+        else list(methods)
+    if unknown := [m for m in chosen if m not in methods]:
+        p.error(f"unknown method(s) {unknown}; known: {list(methods)}")
+    return methods, chosen
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "build" / "bench-quality"))
@@ -139,8 +216,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per method (default 1500; --quick 60)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", default="0", help="comma-separated; every method runs once per seed (the table "
-                   "shows the mean over seeds)")
+    p.add_argument("--seeds", help="comma-separated; every method runs once per seed (the table shows the mean "
+                   "over seeds; default 0, --instruction 0,1,2)")
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="CE pre-training of the student before every method (0: start from random init)")
     p.add_argument("--methods", help="subset (comma- or semicolon-separated) of: " + "; ".join(METHODS))
@@ -151,7 +228,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs with the same options")
     p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"), help="markdown output ('' : none)")
+    p.add_argument("--instruction", action="store_true",
+                   help="the instruction rows instead: FKL vs FKL/RKL/JSD + AdaKD on the chat domain (see above)")
+    p.add_argument("--assets", default=str(ROOT / "pipeline" / "assets" / "reference"),
+                   help="--instruction: teacher/, student/ and corpus/chat.jsonl")
+    p.add_argument("--generate", type=int, default=100, help="--instruction: val conversations answered per eval")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="--instruction: tokens per generated reply")
+    p.add_argument("--instruction-doc", default=str(ROOT / "docs" / "benchmarks.md"),
+                   help="--instruction: the markdown file whose INSTRUCTION section is (re)written ('': none)")
     args = p.parse_args()
+    if args.instruction:
+        return instruction_main(p, args)
     steps = args.steps or (60 if args.quick else 1500)
     teacher_steps = args.teacher_steps or (40 if args.quick else 600)
     max_tokens = args.max_tokens_per_domain or (20000 if args.quick else None)
@@ -194,17 +281,7 @@ def main() -> None:
 
     # 3. methods
     fields = train_fields()
-    methods = dict(METHODS)
-    for spec in args.extra:
-        cut = spec.find("={")
-        if cut < 1:
-            p.error(f"--extra {spec!r}: expected NAME={{json options}}")
-        methods[spec[:cut]] = json.loads(spec[cut + 1:])
-    chosen = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")] if args.methods \
-        else list(methods)
-    unknown = [m for m in chosen if m not in methods]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; known: {list(methods)}")
+    methods, chosen = choose_methods(p, args, METHODS)
     skipped = {}
     for m in chosen:
         missing = sorted(set(methods[m]) - fields)
@@ -212,35 +289,13 @@ def main() -> None:
             skipped[m] = f"TrainConfig has no field {', '.join(missing)} yet"
             log(f"[note] skipping {m}: {skipped[m]}")
     chosen = [m for m in chosen if m not in skipped]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    seeds = [int(x) for x in (args.seeds or "0").split(",")]
     reused: list[str] = []
     common = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, eval_rows=0, log_every=1, prefetch=1)
 
     def train(name: str, student: Path, options: dict, seed: int) -> tuple[Path, float]:
-        opts = {**common, "seed": seed, **options}
-        key = hashlib.sha256(json.dumps([opts, str(student), manifest["tokenizer"], cache_bytes],
-                                        sort_keys=True).encode()).hexdigest()[:8]
-        run = work / "runs" / f"{slug(name)}-s{seed}-{key}"
-        if args.reuse and (run / "final" / "config.json").exists() and (run / "done.json").exists():
-            log(f"[train] {name} (seed {seed}): reusing {run}")
-            reused.append(run.name)
-            return run, json.loads((run / "done.json").read_text())["seconds"]
-        shutil.rmtree(run, ignore_errors=True)
-        run.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [py, "-m", "pipeline", "train", "--cache", str(cache), "--student", str(student), "--out", str(run),
-               *option_args(opts)]
-        log(f"[train] {name} (seed {seed}): kdcache train {' '.join(option_args(options))}")
-
-        def progress(s):
-            recs = read_metrics(run / "metrics.jsonl")
-            if recs:
-                r = recs[-1]
-                w = " ".join(f"{d}={v:.2f}" for d, v in r.get("domain_weights", {}).items())
-                log(f"  [{name}] step {r['step']}/{opts['steps']} loss {r['loss']:.3f} ({s:.0f}s) weights {w}")
-        logfile = run.parent / f"{run.name}.log"
-        sec = run_logged(cmd, logfile, env, progress=progress)
-        (run / "done.json").write_text(json.dumps({"seconds": sec, "cmd": cmd}))
-        return run, sec
+        return train_run(name, student, {**common, "seed": seed, **options}, options, cache, work, env, args.reuse,
+                         reused, [manifest["tokenizer"], cache_bytes], show_progress=True)
 
     start_student = work / "student"
     evals: list[tuple[str, dict]] = []
@@ -304,17 +359,7 @@ def main() -> None:
     import torch
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
                f"{args.threads or torch.get_num_threads()} torch thread(s) per process")
-    shown, skip = [], False                    # the command without the options that do not change results
-    for a in sys.argv[1:]:
-        if skip or a == "--reuse":
-            skip = False
-            continue
-        if a == "--doc":
-            skip = True
-            continue
-        if not a.startswith("--doc="):
-            shown.append(f"'{a}'" if any(c in a for c in " (){}\"") else a)
-    cmd_line = "python scripts/bench_quality.py " + " ".join(shown)
+    cmd_line = command_line("--doc")
     log(f"\nval perplexity after {steps} steps (batch {args.batch_size} x 128 tokens, lr {args.lr}, seeds {seeds}"
         f"{', from a CE pre-trained student' if args.pretrain_steps else ''}):")
     for line in lines:
@@ -348,6 +393,201 @@ def main() -> None:
                   skipped)
         log(f"\nwrote {args.doc}")
     print(json.dumps(result))
+
+
+def eval_generate(cache: Path, student: Path, env: dict, logfile: Path, n: int, max_new_tokens: int,
+                  teacher: Path | None = None) -> dict:
+    """`kdcache eval --json --generate n` on the val split (with `teacher`: its replies scored too)."""
+    cmd = [sys.executable, "-m", "pipeline", "eval", "--cache", str(cache), "--student", str(student), "--json",
+           "--split", "val", "--generate", str(n), "--max-new-tokens", str(max_new_tokens)]
+    if teacher is not None:
+        cmd += ["--teacher", str(teacher)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    logfile.write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise RuntimeError(f"eval failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def adakd_trace(records: list[dict]) -> dict | None:
+    """LATF's focus ratio along a run (at 0, 10, 25, 50, 75 and 100 % of its steps, and the first step at its
+    floor) and IDTS's temperature range over the run, from metrics.jsonl; None for a run without AdaKD stats."""
+    recs = [r for r in records if "focus_ratio" in r]
+    if not recs:
+        return None
+    at = {f"{int(q * 100)}%": recs[min(len(recs) - 1, round(q * (len(recs) - 1)))]["focus_ratio"]
+          for q in (0, 0.1, 0.25, 0.5, 0.75, 1.0)}
+    low = min(r["focus_ratio"] for r in recs)
+    return {"focus_ratio": at, "focus_min": low,
+            "focus_min_step": next(r["step"] for r in recs if r["focus_ratio"] == low),
+            "focus_mean": sum(r["focus_ratio"] for r in recs) / len(recs),
+            "tau_min": min(r["tau_min"] for r in recs), "tau_max": max(r["tau_max"] for r in recs),
+            "tau_mean": sum(r["tau_mean"] for r in recs) / len(recs),
+            "tau_spread_last": recs[-1]["tau_max"] - recs[-1]["tau_min"],
+            "kd_loss_first": recs[0]["kd_loss"], "kd_loss_last": recs[-1]["kd_loss"]}
+
+
+def mean_spread(values: list[float]) -> str:
+    """"mean ± half the range" over seeds."""
+    m = sum(values) / len(values)
+    return f"{m:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def instruction_main(p: argparse.ArgumentParser, args) -> None:
+    """--instruction: the chat cache, a CE warm-up, INSTRUCTION_METHODS x seeds, eval --generate, the doc section."""
+    steps = args.steps or 400
+    pretrain = args.pretrain_steps or 200
+    seeds = [int(x) for x in (args.seeds or "0,1,2").split(",")]
+    assets = Path(args.assets)
+    work = Path(args.work if args.work != p.get_default("work") else ROOT / "build" / "bench-quality-instruction")
+    work.mkdir(parents=True, exist_ok=True)
+    env = env_for(args.threads)
+    py = sys.executable
+    t_all = time.perf_counter()
+    seconds = {}
+    for need in ("teacher/config.json", "student/config.json", f"corpus/{CHAT}.jsonl"):
+        if not (assets / need).exists():
+            p.error(f"{assets / need}: missing (run scripts/train_reference_teacher.py --out {assets})")
+    teacher = assets / "teacher"
+
+    # 1. the chat cache: replies only, isolated packing (capture's defaults for conversations)
+    cache = work / "cache"
+    capture_cmd = [py, "-m", "pipeline", "capture", "--backend", "hf", "--teacher", str(teacher),
+                   "--data", f"{CHAT}={assets / 'corpus' / f'{CHAT}.jsonl'}", "--top-k", "64", "--seq-len", "128",
+                   "--val-fraction", "0.1", "--dtype", "float32", "--out", str(cache)]
+    if not (cache / "manifest.json").exists():
+        log("[capture] " + " ".join(capture_cmd[1:]))
+        seconds["capture"] = run_logged(capture_cmd, work / "capture.log", env,
+                                        progress=lambda s: log(f"  [capture] {s:.0f}s"), every=30)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    info = {s: manifest["splits"][s][CHAT] for s in ("train", "val")}
+    sup = {s: v["supervised_tokens"] for s, v in info.items()}
+    log(f"[cache] rows {({s: v['rows'] for s, v in info.items()})}, tokens {({s: v['tokens'] for s, v in info.items()})}"
+        f", supervised {sup}")
+
+    # 2. runs
+    methods, chosen = choose_methods(p, args, INSTRUCTION_METHODS)
+    common = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, eval_rows=0, log_every=1, prefetch=1)
+    reused = []
+
+    def train(name: str, student: Path, options: dict, seed: int) -> tuple[Path, float]:
+        return train_run(name, student, {**common, "seed": seed, **options}, options, cache, work, env, args.reuse,
+                         reused, [manifest["tokenizer"], manifest["splits"]])
+
+    (work / "evals").mkdir(exist_ok=True)
+    run, seconds["warm-up"] = train("warmup", assets / "student", dict(loss="ce", steps=pretrain), 0)
+    student = run / "final"
+    base = eval_generate(cache, student, env, work / "evals" / "warmup.log", args.generate, args.max_new_tokens,
+                         teacher=teacher)
+    start = {"ce": base["domains"][CHAT]["student_ce"], "rouge": base["generate"]["student"]["domains"][CHAT]["rouge_l"]}
+    ceiling = {"ce": base["domains"][CHAT]["teacher_ce"], "rouge": base["generate"]["teacher"]["domains"][CHAT]["rouge_l"]}
+    log(f"[warm-up] {pretrain} CE steps: reply CE {start['ce']:.3f}, ROUGE-L {start['rouge']:.3f}; teacher reply CE "
+        f"{ceiling['ce']:.3f}, ROUGE-L {ceiling['rouge']:.3f}")
+
+    results = {}                  # name: {"ce": [per seed], "rouge": [...], "seconds": [...], "adakd": [traces]}
+    for name in chosen:
+        r = results[name] = {"ce": [], "rouge": [], "kl": [], "seconds": [], "adakd": []}
+        for seed in seeds:
+            run, sec = train(name, student, methods[name], seed)
+            rep = eval_generate(cache, run / "final", env, run.parent / f"{run.name}.eval.log", args.generate,
+                                args.max_new_tokens)
+            r["ce"].append(rep["domains"][CHAT]["student_ce"])
+            r["kl"].append(rep["domains"][CHAT]["kl"])
+            r["rouge"].append(rep["generate"]["student"]["domains"][CHAT]["rouge_l"])
+            r["seconds"].append(round(sec, 1))
+            if (trace := adakd_trace(read_metrics(run / "metrics.jsonl"))) is not None:
+                r["adakd"].append(trace)
+            log(f"  [{name}] seed {seed}: reply CE {r['ce'][-1]:.4f}, ROUGE-L {r['rouge'][-1]:.3f}, {sec:.0f}s "
+                f"({time.perf_counter() - t_all:.0f}s total)")
+    t_total = time.perf_counter() - t_all
+
+    # 3. tables
+    n_gen = base["generate"]["student"]["domains"][CHAT]["n"]
+    table_lines = ["| method | reply CE (nats) | reply ppl | KL(teacher‖student) | ROUGE-L | seconds per run |",
+                   "|---|---|---|---|---|---|",
+                   f"| student after the CE warm-up | {start['ce']:.3f} | {math.exp(start['ce']):.3f} | "
+                   f"{base['domains'][CHAT]['kl']:.3f} | {start['rouge']:.3f} | |"]
+    for name, r in results.items():
+        table_lines.append(f"| {name} | {mean_spread(r['ce'])} | {math.exp(sum(r['ce']) / len(r['ce'])):.3f} | "
+                           f"{mean_spread(r['kl'])} | {mean_spread(r['rouge'])} | "
+                           f"{sum(r['seconds']) / len(r['seconds']):.0f} |")
+    table_lines.append(f"| teacher (ceiling) | {ceiling['ce']:.3f} | {math.exp(ceiling['ce']):.3f} | 0 | "
+                       f"{ceiling['rouge']:.3f} | |")
+    trace_lines = ["| method | focus ratio at 0 / 10 / 25 / 50 / 75 / 100 % of the steps | lowest ratio (first "
+                   "step there, per seed) | mean ratio | τ min–max over the run | mean τ | KD loss first → last |",
+                   "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not r["adakd"]:
+            continue
+        tr = r["adakd"]
+        avg = lambda key: sum(t[key] for t in tr) / len(tr)   # noqa: E731
+        ratios = " / ".join(f"{sum(t['focus_ratio'][q] for t in tr) / len(tr):.2f}" for q in tr[0]["focus_ratio"])
+        trace_lines.append(f"| {name} | {ratios} | {avg('focus_min'):.2f} (steps "
+                           f"{', '.join(str(t['focus_min_step']) for t in tr)}) | {avg('focus_mean'):.2f} | "
+                           f"{min(t['tau_min'] for t in tr):.2f}–{max(t['tau_max'] for t in tr):.2f} | "
+                           f"{avg('tau_mean'):.3f} | {avg('kd_loss_first'):.3f} → {avg('kd_loss_last'):.3f} |")
+    import torch
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
+               f"{args.threads or torch.get_num_threads()} torch thread(s) per process")
+    cmd_line = command_line("--instruction-doc")
+    log(f"\nchat domain, val split ({sup['val']:,} reply tokens; ROUGE-L over {n_gen} conversations), "
+        f"{steps} steps x batch {args.batch_size}, lr {args.lr}, seeds {seeds} (mean ± half range):")
+    for line in table_lines + [""] + trace_lines:
+        log(line)
+    result = {"steps": steps, "pretrain_steps": pretrain, "batch_size": args.batch_size, "lr": args.lr,
+              "seeds": seeds, "generate": n_gen, "max_new_tokens": args.max_new_tokens, "cache": info,
+              "supervised_tokens": sup, "start": start, "teacher": ceiling,
+              "methods": {n: {k: v for k, v in r.items()} for n, r in results.items()},
+              "seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(t_total, 1),
+              "reused_runs": len(reused), "machine": machine}
+    (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.instruction_doc:
+        write_instruction_doc(Path(args.instruction_doc), cmd_line, machine, result, table_lines, trace_lines)
+        log(f"\nwrote the INSTRUCTION section of {args.instruction_doc}")
+    print(json.dumps({k: v for k, v in result.items() if k != "methods"} |
+                     {"methods": {n: {k: r[k] for k in ("ce", "rouge", "seconds")} for n, r in results.items()}}))
+
+
+INSTRUCTION_BEGIN, INSTRUCTION_END = "<!-- INSTRUCTION: generated by scripts/bench_quality.py --instruction -->", \
+    "<!-- /INSTRUCTION -->"
+
+
+def write_instruction_doc(path: Path, cmd: str, machine: str, result: dict, table_lines, trace_lines) -> None:
+    """(Re)write the generated block between the INSTRUCTION markers of `path`; the text around it (the section
+    heading and the hand-written analysis) is kept. Without the markers, a new section is appended."""
+    c, sup = result["cache"], result["supervised_tokens"]
+    block = [
+        INSTRUCTION_BEGIN,
+        f"Command: `{cmd}`  ",
+        f"Machine: {machine}.  ",
+        f"Cache: the reference corpus' `chat` domain alone (HF capture, top-64, seq 128, val fraction 0.1, isolated "
+        f"packing, replies only): train {c['train']['rows']} rows / {c['train']['tokens']:,} tokens of which "
+        f"{sup['train']:,} reply tokens; val {c['val']['rows']} rows / {c['val']['tokens']:,} tokens, "
+        f"{sup['val']:,} reply tokens.  ",
+        f"Student: the shipped 0.26M-param student after {result['pretrain_steps']} CE steps on this cache (batch "
+        f"{result['batch_size']}, lr {result['lr']}); then each method {result['steps']} steps × "
+        f"{result['batch_size']} rows × 128 tokens, lr {result['lr']}, seeds {result['seeds']}, every other option "
+        f"at its default (AdaKD: LATF + IDTS, c = 0.5, β = 0.99, ε = δ = 0.05, floor 0.1, 5 % warm-up). "
+        "Seconds: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+        + f"; total {result['total_seconds']:.0f} s"
+        + (f" ({result['reused_runs']} runs reused)" if result["reused_runs"] else "") + ".",
+        "",
+        f"Val split: reply-only CE and KL (`kdcache eval`), ROUGE-L F1 of greedy replies to the last user turn of "
+        f"{result['generate']} conversations (`kdcache eval --generate {result['generate']} --max-new-tokens "
+        f"{result['max_new_tokens']}`); mean ± half the range over the seeds:", "",
+        *table_lines, "",
+        "AdaKD's state along the runs (metrics.jsonl; mean over seeds):", "",
+        *trace_lines, "",
+        INSTRUCTION_END,
+    ]
+    text = path.read_text() if path.exists() else ""
+    if INSTRUCTION_BEGIN in text and INSTRUCTION_END in text:
+        head, rest = text.split(INSTRUCTION_BEGIN, 1)
+        text = head + "\n".join(block) + rest.split(INSTRUCTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Instruction distillation (`scripts/bench_quality.py --instruction`)\n\n" \
+            + "\n".join(block) + "\n"
+    path.write_text(text)
 
 
 def ddk_lines(path, domains, ends: int | None = None) -> list[str]:

@@ -3,12 +3,15 @@
 Everything is generated locally and is deterministic in --seed (no downloads):
 
     DIR/corpus/{code,data,prose,arith}.jsonl   {"text": ...} per line: the corpus users distil on
-    DIR/tokenizer/                             byte-level BPE trained on the corpus (eos "<|eos|>", digits split)
+    DIR/corpus/chat.jsonl                      {"messages": [{"role", "content"}, ...]} per line (instructions)
+    DIR/tokenizer/                             byte-level BPE trained on the corpus (eos "<|eos|>", digits split,
+                                               turn tokens <|system|> <|user|> <|assistant|> <|end|>, and a
+                                               chat template in tokenizer_config.json)
     DIR/teacher/                               LlamaForCausalLM (save_pretrained) + tokenizer, trained from scratch
     DIR/student/                               a smaller LlamaForCausalLM, random init (fixed seed) + tokenizer
     DIR/teacher_report.json                    the final JSON line below
 
-The four domains are synthetic but have learnable structure beyond unigrams, and clearly different difficulty:
+The five domains are synthetic but have learnable structure beyond unigrams, and clearly different difficulty:
 
     code   python-like functions from a few templates; a function's parameters and locals are reused
            consistently (copying), keywords and indentation are fixed                        easy, regular
@@ -19,14 +22,30 @@ The four domains are synthetic but have learnable structure beyond unigrams, and
            multi-sentence patterns                                                           medium
     arith  "a + b = c", "a - b = c", "a * b = c" with correct answers (digits are tokenized
            one by one); the operands are random, the answers are a function of them      hard for a tiny model
+    chat   instruction conversations about the same worlds: arithmetic questions ("What is 7 + 5?" ->
+           "7 + 5 = 12."; a quarter drawn like arith's lines: 2-digit + and -, 1-digit *), questions
+           answered by the data domain's city table ("Which currency is used in Paris?" -> "Paris uses
+           EUR.") or its adult rule ("Is Yara, aged 15, an adult?" -> "No, Yara is not an adult yet.");
+           1-3 exchanges, some with a system line; a follow-up may refer to the previous question
+           ("And in Tokyo?")                                                      replies are determined
+
+Conversations are rendered with CHAT_TEMPLATE (ChatML-like: `<|role|>content<|end|>`, each assistant reply and
+its `<|end|>` inside `{% generation %}` marks, so `kdcache capture --train-on assistant` trains on exactly the
+replies). The template is saved in tokenizer_config.json; `<|end|>` is also an EOS id of generation_config.json.
 
 The teacher trains on *fresh* samples of the same generators (another seed stream), never on the corpus files: a
 teacher that had memorised the corpus' arithmetic lines would make its val perplexity, and so DDK's gaps,
-artificially good. Each training row is a packed sequence of one domain (documents joined with EOS); domains are
-drawn uniformly per row. Loop: AdamW (betas 0.9/0.95, wd 0.1), linear warm-up then cosine to 10 %, clip 1.0,
-float32 on CPU. The per-domain teacher CE at the end is measured on the corpus files (what `kdcache capture` sees).
+artificially good. Each training row is a packed sequence of one domain (documents joined with EOS). A step takes
+--batch-size rows of the four text domains, drawn uniformly per row (as before the chat domain existed, so they
+get the same exposure), plus --chat-rows rows of chat: conversations rendered with the template, joined with EOS,
+trained on every token like the others (with 6 chat rows the 600-step teacher still miscopied one-digit operands:
+72 % of its greedy replies exact, against 90 % with 10). Loop: AdamW (betas 0.9/0.95, wd 0.1), linear warm-up then
+cosine to 10 %, clip 1.0, float32 on CPU. The per-domain teacher CE at the end is measured on the corpus files (what `kdcache capture` sees);
+for chat also on the reply tokens alone, each conversation on its own (as `kdcache eval` measures a chat cache),
+and the teacher's greedy replies to the last turn of corpus conversations are checked against the reference.
 
     python scripts/train_reference_teacher.py --out DIR [--steps 600 | --minutes M] [--seed 0] [--threads 1]
+                                              [--batch-size 32] [--chat-rows 10]
 
 `--steps` (default) is reproducible bit for bit on the same machine; `--minutes` estimates the steps from the speed
 of the first steps and is not. Prints progress and a final JSON line.
@@ -41,9 +60,23 @@ from pathlib import Path
 
 import numpy as np
 
-DOMAINS = ("code", "data", "prose", "arith")
+DOMAINS = ("code", "data", "prose", "arith", "chat")
+TEXT_DOMAINS = DOMAINS[:4]
 EOS = "<|eos|>"
-DOCS = {"code": 2500, "data": 2500, "prose": 2500, "arith": 2500}     # corpus documents per domain
+DOCS = {"code": 2500, "data": 2500, "prose": 2500, "arith": 2500, "chat": 2500}     # corpus documents per domain
+TURN_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+END = "<|end|>"                                                  # end of a turn: where a reply stops
+# `<|role|>content<|end|>` per message; an assistant reply and its <|end|> are the trained tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ message['content'] + '<|end|>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}")
 
 # ---------------------------------------------------------------------------------------------------- generators
 
@@ -160,58 +193,156 @@ def gen_prose(rng) -> str:
     return " ".join(out)
 
 
+def _equation(rng) -> tuple[int, str, int, int]:
+    """(a, op, b, c) with c = a op b: 2-digit + and - (never negative), 1-digit *."""
+    op = _pick(rng, OPS)
+    if op == "*":
+        a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+        return a, op, b, a * b
+    a, b = int(rng.integers(10, 100)), int(rng.integers(10, 100))
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b, a + b if op == "+" else a - b
+
+
+def _small_equation(rng) -> tuple[int, str, int, int]:
+    """(a, op, b, c) with c = a op b and one-digit operands (never negative)."""
+    op = _pick(rng, OPS)
+    a, b = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b, a + b if op == "+" else a - b if op == "-" else a * b
+
+
 def gen_arith(rng) -> str:
     """3-8 correct equations, one per line: 2-digit + and -, 1-digit *."""
     lines = []
     for _ in range(int(rng.integers(3, 9))):
-        op = _pick(rng, OPS)
-        if op == "*":
-            a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
-            c = a * b
-        else:
-            a, b = int(rng.integers(10, 100)), int(rng.integers(10, 100))
-            if op == "-" and b > a:
-                a, b = b, a
-            c = a + b if op == "+" else a - b
+        a, op, b, c = _equation(rng)
         lines.append(f"{a} {op} {b} = {c}")
     return "\n".join(lines)
 
 
-GENERATORS = {"code": gen_code, "data": gen_data, "prose": gen_prose, "arith": gen_arith}
+SYSTEMS = ("You are a helpful assistant.", "Answer in one short sentence.",
+           "You answer questions about sums and cities.", "Be brief and exact.")
+ARITH_Q = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?",
+           "Please work out {a} {op} {b}.")
+CITY_Q = {  # the question kinds the city table answers: (question templates, reply template)
+    "country": (("Which country is {city} in?", "In which country is {city}?", "Where is {city}?"),
+                "{city} is in {country}."),
+    "currency": (("Which currency is used in {city}?", "What money do people use in {city}?",
+                  "What is the currency of {city}?"), "{city} uses {currency}."),
+    "tz": (("What time zone is {city} in?", "Which time zone does {city} use?"), "{city} is on {tz} time."),
+}
+ADULT_Q = ("{name} is {age} years old. Is {name} an adult?", "Is {name}, aged {age}, an adult?")
+HARD_SUMS = 0.25          # share of arithmetic questions drawn like arith's lines (2-digit + and -, 1-digit *)
 
 
-def domain_docs(domain: str, n: int, seed: int, stream: int) -> list[str]:
-    """n documents of `domain`, deterministic in (domain, seed, stream); stream 0 = the corpus files, 1 = the
-    teacher's training stream (disjoint samples of the same distribution)."""
+def _country(c: str) -> str:
+    return {"uk": "the UK", "usa": "the USA"}.get(c, c.capitalize())
+
+
+def _city_facts(city: str) -> dict:
+    country, cur, tz = CITIES[city]
+    return {"city": city.capitalize(), "country": _country(country), "currency": cur.upper(), "tz": tz.upper()}
+
+
+def _exchange(rng, previous: str | None) -> tuple[str, str, str]:
+    """(question, reply, kind) of one exchange; after a city question, sometimes a follow-up about another city
+    whose answer depends on the previous question ("And in Tokyo?")."""
+    if previous in CITY_Q and rng.random() < 0.5:
+        facts = _city_facts(_pick(rng, list(CITIES)))
+        return _pick(rng, ("And in {city}?", "What about {city}?")).format(**facts), \
+            CITY_Q[previous][1].format(**facts), previous
+    kind = _pick(rng, ("arith", "arith", "country", "currency", "tz", "adult"))
+    if kind == "arith":
+        a, op, b, c = _equation(rng) if rng.random() < HARD_SUMS else _small_equation(rng)
+        return _pick(rng, ARITH_Q).format(a=a, op=op, b=b), f"{a} {op} {b} = {c}.", kind
+    if kind == "adult":
+        name, age = _pick(rng, NAMES).capitalize(), int(rng.integers(12, 80))
+        reply = f"Yes, {name} is an adult." if age >= 18 else f"No, {name} is not an adult yet."
+        return _pick(rng, ADULT_Q).format(name=name, age=age), reply, kind
+    facts = _city_facts(_pick(rng, list(CITIES)))
+    questions, reply = CITY_Q[kind]
+    return _pick(rng, questions).format(**facts), reply.format(**facts), kind
+
+
+def gen_chat(rng) -> list[dict]:
+    """An instruction conversation: an optional system line (p 0.35), then 1-3 user/assistant exchanges
+    (p 0.6/0.3/0.1) about sums and the data domain's city table; every reply is determined by the conversation."""
+    messages = [{"role": "system", "content": _pick(rng, SYSTEMS)}] if rng.random() < 0.35 else []
+    previous = None
+    for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
+        question, reply, previous = _exchange(rng, previous)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    return messages
+
+
+GENERATORS = {"code": gen_code, "data": gen_data, "prose": gen_prose, "arith": gen_arith, "chat": gen_chat}
+
+
+def domain_docs(domain: str, n: int, seed: int, stream: int) -> list:
+    """n documents of `domain` (texts; chat: message lists), deterministic in (domain, seed, stream); stream 0 =
+    the corpus files, 1 = the teacher's training stream (disjoint samples of the same distribution)."""
     rng = np.random.default_rng([seed, stream, DOMAINS.index(domain)])
     return [GENERATORS[domain](rng) for _ in range(n)]
 
 
-def write_corpus(out: Path, seed: int) -> dict[str, list[str]]:
+def write_corpus(out: Path, seed: int) -> dict[str, list]:
     out.mkdir(parents=True, exist_ok=True)
     docs = {d: domain_docs(d, DOCS[d], seed, 0) for d in DOMAINS}
-    for d, texts in docs.items():
-        (out / f"{d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for d, items in docs.items():
+        key = "messages" if d == "chat" else "text"
+        (out / f"{d}.jsonl").write_text("".join(json.dumps({key: x}) + "\n" for x in items))
     return docs
+
+
+def plain_texts(domain: str, items: list) -> list[str]:
+    """What the tokenizer trains on: the texts, or each conversation's message contents, one per line."""
+    return ["\n".join(m["content"] for m in x) for x in items] if domain == "chat" else items
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
-def build_tokenizer(texts: list[str], out: Path, vocab_size: int):
-    """Byte-level BPE (digits split one by one) trained on `texts`, saved as a transformers tokenizer."""
+def build_tokenizer(texts: list[str], out: Path, vocab_size: int, chat: bool = False):
+    """Byte-level BPE (digits split one by one) trained on `texts`, saved as a transformers tokenizer. With
+    `chat`: the turn tokens as special tokens (ids 1-4, after EOS) and CHAT_TEMPLATE, saved in
+    tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = [EOS, *TURN_TOKENS] if chat else [EOS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
-    fast.save_pretrained(out)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   **({"extra_special_tokens": list(TURN_TOKENS)} if chat else {}))
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    save_tokenizer(fast, out)
     return fast
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """save_pretrained with the chat template inside tokenizer_config.json (not a separate .jinja file)."""
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+
+
+def render_chat(tokenizer, conversations: list[list[dict]]) -> tuple[list[str], list[list[int]], list[list[bool]]]:
+    """Each conversation rendered with the tokenizer's chat template: its text, its ids and per id whether it is a
+    reply token (inside the template's generation marks)."""
+    texts, ids, masks = [], [], []
+    for messages in conversations:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        ids.append(list(out["input_ids"]))
+        masks.append([bool(m) for m in out["assistant_masks"]])
+    return texts, ids, masks
 
 
 def pack(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
@@ -256,6 +387,52 @@ def domain_ce(model, rows: dict[str, np.ndarray], batch_size: int = 16) -> dict[
     return out
 
 
+def reply_ce(model, ids: list[list[int]], masks: list[list[bool]], pad_id: int, batch_size: int = 32) -> float:
+    """Mean CE (nats) over the positions whose next token is a reply token, each conversation on its own (as
+    `kdcache capture --packing isolated --train-on assistant` and `kdcache eval` see a chat corpus)."""
+    import torch
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ids), batch_size):
+            L = max(len(x) for x in ids[i:i + batch_size])
+            x = torch.tensor([x + [pad_id] * (L - len(x)) for x in ids[i:i + batch_size]])        # (B, L)
+            sup = torch.tensor([m[1:] + [False] * (L - len(m)) for m in masks[i:i + batch_size]])  # (B, L-1)
+            logits = model(input_ids=x).logits[:, :-1].float()      # right padding: causal, real tokens unaffected
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+            tot, n = tot + float(ce[sup].sum()), n + int(sup.sum())
+    model.train()
+    return tot / max(n, 1)
+
+
+CHECK_DOCS = 200          # corpus conversations whose last reply the teacher is asked for
+
+
+def greedy_check(model, tokenizer, conversations: list[list[dict]], ids: list[list[int]], masks: list[list[bool]],
+                 stop_ids: list[int], max_new_tokens: int = 32) -> dict:
+    """The model's greedy reply to the last user turn of each conversation (the prompt: every token before the
+    last reply) against the reference reply: exact-match rates (all, sums, city/age facts) and a few examples."""
+    import torch
+    model.eval()
+    hits = {"sums": [], "facts": []}
+    examples = []
+    with torch.inference_mode():
+        for messages, x, m in zip(conversations, ids, masks):
+            start = max(i for i in range(len(m)) if m[i] and (i == 0 or not m[i - 1]))   # the last reply's start
+            out = model.generate(torch.tensor([x[:start]]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop_ids, pad_token_id=stop_ids[-1])
+            reply = tokenizer.decode(out[0, start:], skip_special_tokens=True)
+            reference = messages[-1]["content"]
+            hits["sums" if " = " in reference else "facts"].append(reply == reference)
+            if len(examples) < 6:
+                examples.append({"question": messages[-2]["content"], "reply": reply, "reference": reference})
+    model.train()
+    rate = lambda h: round(sum(h) / max(len(h), 1), 3)   # noqa: E731
+    return {"n": len(conversations), "exact": rate(hits["sums"] + hits["facts"]), "exact_sums": rate(hits["sums"]),
+            "n_sums": len(hits["sums"]), "exact_facts": rate(hits["facts"]), "n_facts": len(hits["facts"]),
+            "examples": examples}
+
+
 def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -275,7 +452,8 @@ def main() -> None:
     p.add_argument("--student-hidden", type=int, default=64)
     p.add_argument("--student-layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="text-domain rows per step")
+    p.add_argument("--chat-rows", type=int, default=10, help="chat rows per step, on top of --batch-size")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default; on a shared 2-core host 1 is several times faster)")
@@ -293,24 +471,31 @@ def main() -> None:
     docs = write_corpus(out / "corpus", args.seed)
     sizes = {d: (out / "corpus" / f"{d}.jsonl").stat().st_size for d in DOMAINS}
     print(f"corpus: {', '.join(f'{d} {len(docs[d])} docs {sizes[d] / 1e6:.2f} MB' for d in DOMAINS)}", flush=True)
-    tokenizer = build_tokenizer([t for d in DOMAINS for t in docs[d]], out / "tokenizer", args.vocab)
+    tokenizer = build_tokenizer([t for d in DOMAINS for t in plain_texts(d, docs[d])], out / "tokenizer", args.vocab,
+                                chat=True)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    end_id = tokenizer.convert_tokens_to_ids(END)
     vocab = len(tokenizer)
-    corpus_rows = {d: pack(tokenizer, docs[d], args.seq_len) for d in DOMAINS}
+    chat_texts, chat_ids, chat_masks = render_chat(tokenizer, docs["chat"])
+    corpus_rows = {d: pack(tokenizer, chat_texts if d == "chat" else docs[d], args.seq_len) for d in DOMAINS}
     corpus_tokens = {d: int(r.size) for d, r in corpus_rows.items()}
     print(f"tokenizer: vocab {vocab}; corpus tokens {corpus_tokens}", flush=True)
 
     # 2. the teacher's training stream: fresh samples of the same generators, packed per domain
     eval_rows = {d: r[:48] for d, r in corpus_rows.items()}          # progress + final per-domain CE
-    need_rows = args.batch_size * (args.steps if not args.minutes else 4000)
-    per_domain = need_rows // len(DOMAINS) + 1
+    max_steps = args.steps if not args.minutes else 4000
+    per_domain = {d: args.batch_size * max_steps // len(TEXT_DOMAINS) + 1 for d in TEXT_DOMAINS}
+    per_domain["chat"] = args.chat_rows * max_steps + 1
     train_rows = {}
     for d in DOMAINS:
-        n_docs = max(1000, int(per_domain * args.seq_len / (corpus_tokens[d] / DOCS[d]) * 1.05) + 10)
+        n_docs = max(1000, int(per_domain[d] * args.seq_len / (corpus_tokens[d] / DOCS[d]) * 1.05) + 10)
         n_docs = min(n_docs, 60000)                              # cap generation; rows are reused (epochs) beyond
-        train_rows[d] = pack(tokenizer, domain_docs(d, n_docs, args.seed, 1), args.seq_len)
+        fresh = domain_docs(d, n_docs, args.seed, 1)
+        if d == "chat":
+            fresh = [tokenizer.apply_chat_template(m, tokenize=False) for m in fresh]
+        train_rows[d] = pack(tokenizer, fresh, args.seq_len)
     print(f"teacher stream: rows per domain {({d: len(r) for d, r in train_rows.items()})} "
-          f"({args.batch_size} rows/step)", flush=True)
+          f"({args.batch_size} text + {args.chat_rows} chat rows/step)", flush=True)
 
     # 3. the teacher
     torch.manual_seed(args.seed)
@@ -320,19 +505,20 @@ def main() -> None:
     no_decay = [p for p in teacher.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    rng = np.random.default_rng([args.seed, 2])
+    text_rng = np.random.default_rng([args.seed, 2])                    # one stream for the text rows
+    rngs = {**{d: text_rng for d in TEXT_DOMAINS}, "chat": np.random.default_rng([args.seed, 3])}
     cursor = {d: 0 for d in DOMAINS}
-    order = {d: rng.permutation(len(train_rows[d])) for d in DOMAINS}
+    order = {d: rngs[d].permutation(len(train_rows[d])) for d in DOMAINS}
+
+    def take(d: str) -> np.ndarray:
+        if cursor[d] == len(order[d]):
+            order[d], cursor[d] = rngs[d].permutation(len(train_rows[d])), 0
+        cursor[d] += 1
+        return train_rows[d][order[d][cursor[d] - 1]]
 
     def batch() -> torch.Tensor:
-        picks = rng.integers(0, len(DOMAINS), size=args.batch_size)
-        rows = []
-        for k in picks:
-            d = DOMAINS[k]
-            if cursor[d] == len(order[d]):
-                order[d], cursor[d] = rng.permutation(len(train_rows[d])), 0
-            rows.append(train_rows[d][order[d][cursor[d]]])
-            cursor[d] += 1
+        picks = text_rng.integers(0, len(TEXT_DOMAINS), size=args.batch_size)
+        rows = [take(TEXT_DOMAINS[k]) for k in picks] + [take("chat") for _ in range(args.chat_rows)]
         return torch.from_numpy(np.stack(rows))
 
     steps = args.steps
@@ -369,27 +555,40 @@ def main() -> None:
 
     # 4. save teacher + student
     teacher_ce = domain_ce(teacher, {d: r[:256] for d, r in corpus_rows.items()})
+    teacher_reply_ce = reply_ce(teacher, chat_ids[:1024], chat_masks[:1024], eos_id)
+    answers = greedy_check(teacher, tokenizer, docs["chat"][:CHECK_DOCS], chat_ids[:CHECK_DOCS],
+                           chat_masks[:CHECK_DOCS], [end_id, eos_id])
+    teacher.generation_config.eos_token_id = [eos_id, end_id]      # HF generate stops at the end of a turn
     teacher.save_pretrained(out / "teacher")
-    tokenizer.save_pretrained(out / "teacher")
+    save_tokenizer(tokenizer, out / "teacher")
     torch.manual_seed(args.seed + 1)
     student = LlamaForCausalLM(llama_config(vocab, args.student_hidden, args.student_layers, eos_id))
+    student.generation_config.eos_token_id = [eos_id, end_id]
     student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
+    save_tokenizer(tokenizer, out / "student")
     student_ce = domain_ce(student, {d: r[:16] for d, r in corpus_rows.items()})
 
     print(f"\n{'domain':<8} {'teacher CE':>10} {'ppl':>8} {'random student ppl':>19}")
     for d in DOMAINS:
         print(f"{d:<8} {teacher_ce[d]:>10.3f} {math.exp(teacher_ce[d]):>8.2f} {math.exp(student_ce[d]):>19.1f}")
+    print(f"chat replies only: teacher CE {teacher_reply_ce:.3f} (ppl {math.exp(teacher_reply_ce):.2f}); greedy "
+          f"replies to the last turn of {answers['n']} corpus conversations: {answers['exact']:.0%} exact "
+          f"(sums {answers['exact_sums']:.0%}, facts {answers['exact_facts']:.0%})")
+    for ex in answers["examples"]:
+        print(f"  {ex['question']!r} -> {ex['reply']!r} (reference {ex['reference']!r})")
     result = {"out": str(out), "seed": args.seed, "vocab": vocab, "seq_len": args.seq_len,
               "corpus_docs": {d: len(docs[d]) for d in DOMAINS}, "corpus_bytes": sizes,
               "corpus_tokens": corpus_tokens,
               "teacher": {"params": n_params, "hidden": args.hidden, "layers": args.layers, "steps": steps,
                           "batch_size": args.batch_size, "lr": args.lr,
-                          "train_tokens": steps * args.batch_size * args.seq_len,
+                          "chat_rows": args.chat_rows,
+                          "train_tokens": steps * (args.batch_size + args.chat_rows) * args.seq_len,
                           "bytes": sum(f.stat().st_size for f in (out / "teacher").iterdir())},
               "student": {"params": sum(p.numel() for p in student.parameters()), "hidden": args.student_hidden,
                           "layers": args.student_layers},
               "teacher_ce": {d: round(v, 4) for d, v in teacher_ce.items()},
+              "teacher_ce_chat_replies": round(teacher_reply_ce, 4),
+              "teacher_greedy_replies": answers,
               "random_student_ce": {d: round(v, 4) for d, v in student_ce.items()},
               "train_seconds": round(train_s, 1), "seconds": round(time.perf_counter() - t_start, 1),
               "threads": torch.get_num_threads()}

@@ -6,7 +6,8 @@ document's last assistant reply:
     prompt     doc tokens [doc_start, s + 1)       everything the model saw before the reply
     reference  tokens [s + 1, e + 1)               the reply, normally ending with the end-of-turn token
 The model answers each prompt greedily; replies and references are decoded without special tokens and scored with
-rouge-score's ROUGE-L F1 (stemmed, in [0, 1]). A text cache (every token trained, no prompt) is refused.
+rouge-score's ROUGE-L F1 (stemmed, in [0, 1]). A text document (trained from its first token: no prompt) has no
+reply to answer: text domains are left out, and a split without any conversation is refused.
 """
 
 import numpy as np
@@ -35,8 +36,8 @@ def _last_run(mask: np.ndarray) -> tuple[int, int] | None:
 
 def last_replies(cache: Cache, split: str, domain: str, n: int) -> list[tuple[list[int], list[int]]]:
     """Up to n (prompt ids, reference reply ids) pairs of split/domain in cache order: one per document with a
-    supervised position, its last reply (module doc). KdcacheError for a document trained from its first token
-    (no prompt: a text cache, or a chat cache captured with --train-on all)."""
+    supervised position after a prompt, its last reply (module doc). A document trained from its first token (a
+    text document, or a conversation captured with --train-on all) has no prompt and gives none."""
     pairs: list[tuple[list[int], list[int]]] = []
     if n <= 0:
         return pairs
@@ -48,10 +49,7 @@ def last_replies(cache: Cache, split: str, domain: str, n: int) -> list[tuple[li
                 continue
             s, e = a + run[0], a + run[1]
             if s == a:
-                raise KdcacheError(
-                    f"{cache.root}: --generate needs a chat or prompt-completion cache (replies after a prompt), "
-                    f"but split {split!r}, domain {domain!r}, row {row['row_index']} has a document trained from "
-                    f"its first token (a text cache, or one captured with --train-on all)")
+                continue
             pairs.append((ids[a:s + 1].tolist(), ids[s + 1:e + 1].tolist()))
             if len(pairs) == n:
                 return pairs
@@ -135,16 +133,13 @@ def generation_report(cache: Cache, model, tokenizer, split: str, n: int, max_ne
                       batch_size: int = 8) -> dict:
     """{"domains": {D: {"rouge_l", "n", "examples": [{"prompt", "reference", "reply"}] (the first 3)}},
     "mean": {"rouge_l" (each domain counts once), "n" (summed)}} for the model's greedy replies to up to n last
-    replies per domain of split. KdcacheError for a domain with no reply to score."""
+    replies per domain of split; domains without one (text) are left out. KdcacheError when no domain has one."""
     domains = cache.domains(split)
-    if not domains:
-        raise KdcacheError(f"{cache.root}: split {split!r} has no rows")
     report: dict = {"domains": {}, "mean": {}}
     for domain in domains:
         pairs = last_replies(cache, split, domain, n)
         if not pairs:
-            raise KdcacheError(f"{cache.root}: split {split!r}, domain {domain!r} has no supervised reply to "
-                               f"score with --generate")
+            continue
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
         stops = reply_stop_ids(cache.manifest.tokenizer.eos_id, tokenizer, model, refs)
         replies = greedy_replies(model, prompts, max_new_tokens, stops, device, batch_size,
@@ -155,6 +150,9 @@ def generation_report(cache: Cache, model, tokenizer, split: str, n: int, max_ne
                     for p, r, g in zip(prompts[:N_EXAMPLES], ref_text, reply_text)]
         report["domains"][domain] = {"rouge_l": rouge_l(reply_text, ref_text), "n": len(pairs),
                                      "examples": examples}
+    if not report["domains"]:
+        raise KdcacheError(f"{cache.root}: --generate needs conversations (a chat or prompt-completion domain: "
+                           f"replies after a prompt), split {split!r} has none (domains: {', '.join(domains) or 'none'})")
     per = report["domains"].values()
     report["mean"] = {"rouge_l": float(np.mean([d["rouge_l"] for d in per])), "n": sum(d["n"] for d in per)}
     return report

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cache_format import open_cache
 from pipeline.cli import cli
-from pipeline.demo import ASSETS, DOMAINS, METHODS, _slug
+from pipeline.demo import ASSETS, CHAT, DOMAINS, METHODS, _slug
 
 ARGS = ["--backend", "hf", "--steps", "6", "--warmup-steps", "3", "--max-tokens-per-domain", "3000"]
 
@@ -34,8 +34,27 @@ def test_shipped_assets_are_small_and_complete():
             assert (ASSETS / model / name).is_file(), f"{model}/{name}"
     for d in DOMAINS:
         lines = (ASSETS / "corpus" / f"{d}.jsonl").read_text().splitlines()
-        assert len(lines) >= 1000 and all(json.loads(line)["text"] for line in lines[:50])
+        assert len(lines) >= 1000
+        for line in lines[:50]:
+            record = json.loads(line)
+            if d == CHAT:
+                roles = [m["role"] for m in record["messages"]]
+                assert roles[-1] == "assistant" and set(roles) <= {"system", "user", "assistant"}
+            else:
+                assert record["text"]
     assert (ASSETS / "README.md").is_file()
+
+
+def test_shipped_tokenizer_has_a_chat_template_with_generation_marks():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "teacher")
+    assert "{% generation %}" in tok.chat_template
+    messages = json.loads((ASSETS / "corpus" / f"{CHAT}.jsonl").read_text().splitlines()[0])["messages"]
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    # exactly the replies, each with its end-of-turn token
+    assert tok.decode(trained) == "".join(m["content"] + "<|end|>" for m in messages if m["role"] == "assistant")
 
 
 def test_report_has_every_method_on_every_domain(demo_out):
@@ -46,13 +65,22 @@ def test_report_has_every_method_on_every_domain(demo_out):
         values = [float(v.strip(" *")) for v in row[1].split("|")]
         assert len(values) == len(DOMAINS) + 1 and all(math.isfinite(v) and v > 1 for v in values), row[0]
     assert "bytes/token" in report and "| step |" in report
+    assert f"{CHAT} (replies)" in report
+    rouge = json.loads((demo_out / "generate.json").read_text())
+    assert list(rouge) == ["student before (warm-up)", *METHODS, "teacher"]
+    for name, r in rouge.items():
+        row = re.search(rf"^\| {re.escape(name)} \| ([0-9.]+) \|$", report, re.M)
+        assert row, f"no ROUGE-L row for {name}"
+        assert 0 <= float(row[1]) <= 1 and abs(float(row[1]) - r["rouge_l"]) < 1e-3
+        assert r["n"] >= 1 and r["examples"][0]["reference"]
+    # the shipped teacher answers the val questions (the ceiling); the 3-step warm-up student does not
+    assert rouge["teacher"]["rouge_l"] > 0.8 > rouge["student before (warm-up)"]["rouge_l"]
     for png in ("val_ppl.png", "domain_weights.png", "domain_loss.png", "adakd.png"):
         assert (demo_out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 def test_methods_ran_under_equal_budgets_and_eval_the_whole_val_split(demo_out):
     cache = open_cache(demo_out / "cache")
-    val_rows = {d: cache.manifest.splits["val"][d].rows for d in DOMAINS}
     student = str(demo_out / "runs" / "student-warmup" / "final")
     for name, options in METHODS.items():
         run = demo_out / "runs" / _slug(name)
@@ -61,9 +89,10 @@ def test_methods_ran_under_equal_budgets_and_eval_the_whole_val_split(demo_out):
         assert {k: config[k] for k in options} == options
         assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
         report = json.loads((run / "eval.json").read_text())
-        # every val position but each row's last one (it predicts nothing)
-        assert {d: report["domains"][d]["tokens"] for d in DOMAINS} == {
-            d: cache.manifest.splits["val"][d].tokens - val_rows[d] for d in DOMAINS}
+        # every supervised val position (text: all but each document's last; chat: the replies only)
+        val = cache.manifest.splits["val"]
+        assert {d: report["domains"][d]["tokens"] for d in DOMAINS} == {d: val[d].supervised_tokens for d in DOMAINS}
+        assert val[CHAT].supervised_tokens < 0.6 * val[CHAT].tokens
 
 
 def test_rerun_keeps_finished_stages(demo_out):

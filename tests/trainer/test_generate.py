@@ -12,7 +12,7 @@ from cache_format import (DomainInfo, KdcacheError, Manifest, ShardWriter, Split
                           TopkV1, open_cache, tokenizer_fingerprint, write_manifest)
 from pipeline.cli import cli
 from tests.helpers import domain_texts
-from trainer.generate import greedy_replies, last_replies, rouge_l
+from trainer.generate import generation_report, greedy_replies, last_replies, rouge_l
 
 K = 4
 
@@ -71,12 +71,13 @@ def test_last_replies_extracts_the_planted_spans(tmp_path):
     assert last_replies(cache, "val", "chat", 0) == []
 
 
-def test_last_replies_refuses_a_text_cache(tmp_path):
+def test_text_documents_have_no_reply_to_answer(tmp_path):
     info = TokenizerInfo(vocab_size=32, fingerprint="0" * 64, eos_id=0)
     rows = {"web": [[doc(([5], False), (list(range(6, 21)), True))]]}       # every next token trained
     cache = open_cache(write_chat_cache(tmp_path / "c", rows, T=16, tokenizer_info=info, packing="concat"))
-    with pytest.raises(KdcacheError, match=r"needs a chat or prompt-completion cache.*domain 'web', row 0"):
-        last_replies(cache, "val", "web", 2)
+    assert last_replies(cache, "val", "web", 2) == []
+    with pytest.raises(KdcacheError, match=r"--generate needs conversations .* split 'val' has none \(domains: web\)"):
+        generation_report(cache, None, None, "val", 2, 4)
 
 
 def test_rouge_l():
@@ -162,7 +163,7 @@ def test_eval_generate_end_to_end(chat_caches, tiny_models, tmp_path):
     (["--teacher", "T"], "add --generate N"),
     (["--generate", "-1"], "--generate -1: must be >= 0"),
     (["--generate", "1", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
-    (["--generate", "1", "--text"], "needs a chat or prompt-completion cache"),
+    (["--generate", "1", "--text"], "--generate needs conversations"),
 ])
 def test_eval_generate_bad_inputs(chat_caches, tiny_models, args, message):
     cache = chat_caches["text" if "--text" in args else "chat"]

@@ -393,7 +393,7 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
                              for i in range(len(batch))]
                     results = teacher.sample(tokens, cfg.samples, seeds, docs)
                 else:
-                    results = teacher.topk(tokens, cfg.top_k, docs)
+                    results = teacher.topk(tokens, cfg.top_k, docs, [r.supervised for r in batch])
                 waiting.append(pool.submit(write, first_row + b, batch, results))
                 while waiting and (len(waiting) > WRITE_AHEAD or waiting[0].done()):
                     waiting.popleft().result()                         # re-raises a writer error here

@@ -93,18 +93,21 @@ def block_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, candidate_ids.gather(1, picked)
 
 
-def topk_logprobs(logits_of, next_ids: torch.Tensor, vocab: int, k: int, chunk_elements: int = 1 << 22):
-    """The cache's arrays for N positions: logits_of(slice) gives their logits (rows of (N, V), any float dtype),
-    next_ids (N,) the actual next tokens -> ids (N, K) int32 by descending logprob, logprobs (N, K) float32,
-    target (N,) float32 = log p(next_ids). log_softmax (float32) and top-k run chunk by chunk of about
-    chunk_elements logits on the logits' device, so no (N, V) float32 tensor is ever held."""
+def topk_logprobs(logits_of, next_ids: torch.Tensor, vocab: int, k: int, chunk_elements: int = 1 << 22,
+                  keep: torch.Tensor | None = None):
+    """The cache's arrays for N positions: logits_of(index) gives the logits of those positions (an (n',) index
+    into N; rows of (n', V), any float dtype), next_ids (N,) the actual next tokens -> ids (N, K) int32 by
+    descending logprob, logprobs (N, K) float32, target (N,) float32 = log p(next_ids). keep (N,) bool: only those
+    positions are computed (the others get ids 0, -inf, NaN: no distribution). log_softmax (float32) and top-k run
+    chunk by chunk of about chunk_elements logits on the logits' device, so no (N, V) float32 tensor is ever held."""
     n, device = len(next_ids), next_ids.device
-    ids = torch.empty(n, k, dtype=torch.int32, device=device)
-    logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
-    target = torch.empty(n, dtype=torch.float32, device=device)
+    ids = torch.zeros(n, k, dtype=torch.int32, device=device)
+    logprobs = torch.full((n, k), float("-inf"), dtype=torch.float32, device=device)
+    target = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    positions = torch.arange(n, device=device) if keep is None else keep.to(device).nonzero()[:, 0]   # (n',)
     step = max(1, chunk_elements // vocab)
-    for start in range(0, n, step):
-        sl = slice(start, min(n, start + step))
+    for start in range(0, len(positions), step):
+        sl = positions[start:start + step]
         lp = torch.log_softmax(logits_of(sl).float(), dim=-1)              # (n', V)
         values, indices = block_topk(lp, k)                                # (n', K)
         logprobs[sl], ids[sl] = values, indices.int()
@@ -146,9 +149,11 @@ class HFTeacher:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
 
     @torch.inference_mode()
-    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None) -> PendingRows:
+    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None,
+             supervised: list | None = None) -> PendingRows:
         logits_of, next_ids = self._logits(rows, doc_lengths)
-        return PendingRows(*topk_logprobs(logits_of, next_ids, self.vocab_size, k), [len(r) for r in rows])
+        return PendingRows(*topk_logprobs(logits_of, next_ids, self.vocab_size, k, keep=_keep(supervised)),
+                           [len(r) for r in rows])
 
     @torch.inference_mode()
     def sample(self, rows: list[np.ndarray], n: int, seeds: list[int], doc_lengths: list | None = None) -> PendingRows:
@@ -157,7 +162,7 @@ class HFTeacher:
         logits_of, next_ids = self._logits(rows, doc_lengths)
         ids, lps, target, start = [], [], [], 0
         for r, seed in zip(rows, seeds):
-            sl = slice(start, start + len(r) - 1)
+            sl = torch.arange(start, start + len(r) - 1)
             lp = torch.log_softmax(logits_of(sl).float(), dim=-1)          # (T-1, V)
             s_ids, s_lp = sample_targets(lp, n, torch.Generator(lp.device).manual_seed(seed))
             ids.append(s_ids), lps.append(s_lp), target.append(lp.gather(-1, next_ids[sl, None])[:, 0])
@@ -183,7 +188,7 @@ class HFTeacher:
                             use_cache=False).logits.flatten(0, 1)                      # (B*T, V)
         index = (torch.arange(B, device=self.device)[:, None] * T
                  + torch.arange(T - 1, device=self.device)).masked_select(keep)            # (N,) rows of logits
-        return (lambda sl: logits.index_select(0, index[sl])), input_ids[:, 1:].masked_select(keep)
+        return (lambda sl: logits.index_select(0, index[sl.to(index.device)])), input_ids[:, 1:].masked_select(keep)
 
     def close(self) -> None:
         del self.model
@@ -198,6 +203,14 @@ class _Later:
 
     def rows(self) -> list[TopkRow]:
         return self.compute().rows()
+
+
+def _keep(supervised: list | None) -> torch.Tensor | None:
+    """Per-row (T,) supervised masks -> (N,) bool over the positions that predict a token (row by row, the last
+    position of each row left out), or None (all)."""
+    if supervised is None:
+        return None
+    return torch.from_numpy(np.concatenate([np.asarray(s[:-1], bool) for s in supervised]))
 
 
 class _Joined:
@@ -268,15 +281,19 @@ class VLLMTeacher:
         if head is not None:
             self.head = head.to(device, model_config.dtype)                # (V, d)
 
-    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None) -> "PendingRows | _Later | _Joined":
+    def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None,
+             supervised: list | None = None) -> "PendingRows | _Later | _Joined":
+        """supervised (per row (T,) bool, None: all): the hidden output runs the head only at those positions."""
         if doc_lengths is not None and any(d is not None for d in doc_lengths):   # one prompt per document
-            docs = [piece for r, d in zip(rows, doc_lengths)
-                    for piece in (np.split(r, np.cumsum(d)[:-1]) if d is not None else [r])]
-            return _Joined(self.topk(docs, k), [len(d) if d is not None else 1 for d in doc_lengths])
+            cut = lambda a, d: np.split(a, np.cumsum(d)[:-1]) if d is not None else [a]   # noqa: E731
+            docs = [piece for r, d in zip(rows, doc_lengths) for piece in cut(r, d)]
+            masks = None if supervised is None else [m for s, d in zip(supervised, doc_lengths) for m in cut(s, d)]
+            return _Joined(self.topk(docs, k, supervised=masks),
+                           [len(d) if d is not None else 1 for d in doc_lengths])
         lengths = [len(r) for r in rows]
         if self.output == "hidden":
             hidden, next_ids = self.hidden_states(rows)
-            return _Later(lambda: self._head_topk(hidden, next_ids, k, lengths))
+            return _Later(lambda: self._head_topk(hidden, next_ids, k, lengths, _keep(supervised)))
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -298,9 +315,11 @@ class VLLMTeacher:
                 torch.cat([torch.from_numpy(r[1:].astype(np.int64)) for r in rows]))       # (N,)
 
     @torch.inference_mode()
-    def _head_topk(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, lengths: list[int]) -> PendingRows:
+    def _head_topk(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, lengths: list[int],
+                   keep: torch.Tensor | None = None) -> PendingRows:
         hidden, next_ids = hidden.to(self.head.device, self.head.dtype), next_ids.to(self.head.device)
-        return PendingRows(*topk_logprobs(lambda sl: hidden[sl] @ self.head.T, next_ids, len(self.head), k), lengths)
+        return PendingRows(*topk_logprobs(lambda sl: hidden[sl] @ self.head.T, next_ids, len(self.head), k,
+                                          keep=keep), lengths)
 
     def close(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

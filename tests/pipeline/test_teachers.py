@@ -34,6 +34,22 @@ def test_chunked_topk_logprobs_equal_the_whole():
     torch.testing.assert_close(target, lp.gather(-1, next_ids[:, None])[:, 0])
 
 
+def test_topk_logprobs_computes_only_the_kept_positions():
+    """keep: the logits of the other positions are never asked for, and they hold no distribution."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(40, 500, generator=g)                             # (N, V)
+    next_ids = torch.randint(0, 500, (40,), generator=g)
+    keep = torch.rand(40, generator=g) < 0.3
+    asked = []
+    ids, lps, target = topk_logprobs(lambda sl: asked.append(sl) or logits[sl], next_ids, 500, 8,
+                                     chunk_elements=5 * 500, keep=keep)
+    assert torch.equal(torch.cat(asked), keep.nonzero()[:, 0])
+    full_ids, full_lps, full_target = topk_logprobs(lambda sl: logits[sl], next_ids, 500, 8)
+    assert torch.equal(ids[keep], full_ids[keep]) and torch.equal(lps[keep], full_lps[keep])
+    assert torch.equal(target[keep], full_target[keep])
+    assert (ids[~keep] == 0).all() and torch.isneginf(lps[~keep]).all() and torch.isnan(target[~keep]).all()
+
+
 def test_pending_rows_split_rows_and_add_the_last_position():
     lengths = [4, 1, 3]                                                    # N = 3 + 0 + 2 positions
     ids = np.arange(10, dtype=np.int32).reshape(5, 2)

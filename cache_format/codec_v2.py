@@ -4,12 +4,12 @@ Per position t the encoder keeps k_t <= K entries (all K, or the smallest prefix
 smallest prefix whose extra KL is within `kl_budget`, or within the row's `kl_scale` budget), then stores per row
 of T positions, little-endian:
     input_ids  (T,)       token ids                                          id_width bytes (1, 2 or 4, from V)
-    counts     (T,)       k_t; 0 = no distribution (the last position, unsupervised ones)   count_width bytes (1; 2 when K > 255)
+    counts     (T,)       k_t; 0: no distribution (last, unsupervised)       count_width bytes (1; 2 when K > 255)
     ids        (sum k_t,) kept ids, each position's in descending-logprob order   id_width bytes
     values     topk: (sum k_t,) uint8 depth-code increments mod 256 along the row;  sampled: uint8 draw counts c
     tail       topk: (T,) uint16 code of log(tail mass / p_1);   sampled: empty
     slots      topk: (T,) the actual next token's slot among the kept ids, or no_slot;   sampled: empty
-    targets    float16 log p of the actual next token at positions with k_t > 0: topk where it has no slot, sampled at all
+    targets    float16 log p of the actual next token where k_t > 0: topk where it has no slot, sampled at all
 Depth code of entry j: round(SQRT_SCALE * sqrt(lp_1 - lp_j)), 0 for the top-1; codes above 254 (depth > 24.8
 nats) are not kept. Decoding normalises with the tail, so the decoded head plus tail mass is exactly 1:
 lp_j = -depth_j - log(sum_j exp(-depth_j) + exp(r_tail)). A row group decodes at once, without per-token Python.

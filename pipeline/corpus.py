@@ -362,7 +362,8 @@ def _document(value, path: str, n: int, text_field: str, fmt: str) -> "str | Con
     return Conversation(where, key, chat.to_messages(value, kind, where))
 
 
-def _file_documents(path: str, text_field: str, stats: CorpusStats, fmt: str = "auto") -> Iterator["str | Conversation"]:
+def _file_documents(path: str, text_field: str, stats: CorpusStats,
+                    fmt: str = "auto") -> Iterator["str | Conversation"]:
     """Non-empty documents of one file (texts and Conversations); invalid UTF-8 reported once when the file is
     done (or abandoned)."""
     stats.files += 1
@@ -516,11 +517,11 @@ def pack_documents(token_ids: Iterable[Sequence[int]], seq_len: int, eos_id: int
 
 def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: CorpusStats, batch_size: int,
                          reading: Reading) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
-    """(split key, tokens (n,) int32, trained (n,) bool, whether it is text) of the files' documents, in order. Text: its tokens and
-    EOS, all trained. Conversations: rendered by chat.render_example (a plain prompt-completion pair gets EOS,
-    trained); one without a trained token is counted in stats.no_response and skipped. Batches never span files,
-    so a file is only opened once the consumer has used every document before it (closing this generator at the
-    cap opens no further file)."""
+    """(split key, tokens (n,) int32, trained (n,) bool, whether it is text) of the files' documents, in order.
+    Text: its tokens and EOS, all trained. Conversations: rendered by chat.render_example (a plain
+    prompt-completion pair gets EOS, trained); one without a trained token is counted in stats.no_response and
+    skipped. Batches never span files, so a file is only opened once the consumer has used every document before
+    it (closing this generator at the cap opens no further file)."""
     eos_id = tokenizer.eos_token_id
     for path in files:
         with contextlib.closing(_file_documents(path, text_field, stats, reading.format)) as documents:

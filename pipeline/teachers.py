@@ -207,10 +207,11 @@ class _Later:
 
 def _keep(supervised: list | None) -> torch.Tensor | None:
     """Per-row (T,) supervised masks -> (N,) bool over the positions that predict a token (row by row, the last
-    position of each row left out), or None (all)."""
+    position of each row left out), or None when every one is (text): nothing to select."""
     if supervised is None:
         return None
-    return torch.from_numpy(np.concatenate([np.asarray(s[:-1], bool) for s in supervised]))
+    keep = np.concatenate([np.asarray(s[:-1], bool) for s in supervised])                # (N,)
+    return None if keep.all() else torch.from_numpy(keep)
 
 
 class _Joined:

@@ -152,7 +152,8 @@ def generation_report(cache: Cache, model, tokenizer, split: str, n: int, max_ne
                                      "examples": examples}
     if not report["domains"]:
         raise KdcacheError(f"{cache.root}: --generate needs conversations (a chat or prompt-completion domain: "
-                           f"replies after a prompt), split {split!r} has none (domains: {', '.join(domains) or 'none'})")
+                           f"replies after a prompt), split {split!r} has none "
+                           f"(domains: {', '.join(domains) or 'none'})")
     per = report["domains"].values()
     report["mean"] = {"rouge_l": float(np.mean([d["rouge_l"] for d in per])), "n": sum(d["n"] for d in per)}
     return report

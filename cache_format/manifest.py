@@ -1,5 +1,6 @@
 """The manifest: the contract between stages. Written last and atomically; a cache without it is incomplete."""
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -8,10 +9,13 @@ import pyarrow.fs as pafs
 
 from . import storage
 from .errors import CacheError
+from .fingerprint import tokenizer_fingerprint
 from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SPLITS
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "capture_config.json"      # beside the manifest: the capture's resolved options
+TOKENIZER_NAME = "tokenizer.json"        # beside the manifest: the teacher tokenizer (its fast serialisation)
+NAMED_TOKENS = ("bos", "eos", "unk", "pad")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class TeacherInfo:
     engine_version: str
     logprobs_mode: str        # "raw_logprobs": log_softmax of the raw logits at temperature 1
     dtype: str
+    output: str = ""          # vLLM: "hidden" (final hidden states, head applied by kdcache) or "logprobs"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,19 @@ class TokenizerInfo:
     vocab_size: int           # len(tokenizer): the ids the tokenizer can produce
     fingerprint: str          # sha256 of its token->id map, merges and special-token ids
     eos_id: int
+    file_sha256: str = ""     # sha256 of the cache's tokenizer.json; "" (older caches, slow tokenizers): no file
+    named_ids: dict = field(default_factory=dict)   # {"bos", "eos", "unk", "pad"}: id or None; {} in older caches
+
+    @classmethod
+    def of(cls, tokenizer, cache_dir: str | os.PathLike) -> "TokenizerInfo":
+        """The info of a transformers tokenizer (duck-typed), file_sha256 that of the tokenizer.json in cache_dir
+        (write_tokenizer; "" if there is none). The file is hashed, not the tokenizer serialised again: a call with
+        truncation or padding options changes what it serialises to."""
+        fs, path = storage.resolve(storage.join(str(cache_dir), TOKENIZER_NAME))
+        return cls(vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
+                   eos_id=int(tokenizer.eos_token_id),
+                   file_sha256=storage.sha256(fs, path) if storage.size(fs, path) is not None else "",
+                   named_ids={name: getattr(tokenizer, f"{name}_token_id", None) for name in NAMED_TOKENS})
 
 
 @dataclass(frozen=True)
@@ -147,6 +165,25 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> str:
     path = storage.join(str(cache_dir), MANIFEST_NAME)
     storage.write_json(path, manifest.to_dict())
     return path
+
+
+def tokenizer_json(tokenizer) -> str | None:
+    """A fast tokenizer's tokenizer.json text (`backend_tokenizer.to_str()`); None for a tokenizer without one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
+
+
+def write_tokenizer(cache_dir: str | os.PathLike, tokenizer) -> str:
+    """Write the teacher tokenizer as tokenizer.json at the cache root (atomically; a path or URL), so that a
+    student's tokenizer can be compared with it token by token where the teacher is not. Returns its sha256 (the
+    manifest's tokenizer.file_sha256), or "" and writes nothing for a tokenizer with no fast serialisation."""
+    text = tokenizer_json(tokenizer)
+    if text is None:
+        return ""
+    data = text.encode()
+    fs, path = storage.resolve(storage.join(str(cache_dir), TOKENIZER_NAME))
+    storage.write_bytes(fs, path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> Manifest:

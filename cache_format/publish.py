@@ -1,26 +1,36 @@
-"""Committing a finished cache to its destination (a path or URL): shards copied and read back, then
-capture_config.json, then manifest.json, the commit point. Used by `kdcache merge` and by a capture to a URL."""
+"""Committing a finished cache to its destination (a path or URL): shards and the teacher's tokenizer.json copied
+and read back, then capture_config.json, then manifest.json, the commit point. Used by `kdcache merge` and by a
+capture to a URL."""
 
 import json
 import logging
 from pathlib import Path
 
 from . import storage
-from .errors import KdcacheError
-from .manifest import CONFIG_NAME, MANIFEST_NAME, Manifest, read_manifest, write_manifest
+from .errors import CacheError, KdcacheError
+from .manifest import CONFIG_NAME, MANIFEST_NAME, TOKENIZER_NAME, Manifest, read_manifest, write_manifest
 
 log = logging.getLogger("kdcache")
 
 
 def commit_cache(parts: list[tuple[str, Manifest]], out: str, capture_config: dict, manifest: Manifest) -> None:
-    """Copy every part's shards to `out` (each read back: CacheError if its sha256 differs), then
-    capture_config.json, then manifest.json."""
+    """Copy every part's shards to `out` (each read back: CacheError if its sha256 differs), and the first part's
+    tokenizer.json when `manifest` records one (checked the same way), then capture_config.json, then
+    manifest.json."""
     dst_fs, dst = storage.resolve(out)
     for part, m in parts:
         src_fs, src = storage.resolve(part)
         for s in m.shards():
             storage.upload(src_fs, storage.join(src, s.path), dst_fs, storage.join(dst, s.path), s.sha256,
                            f"{storage.join(part, s.path)} -> {storage.join(out, s.path)}")
+    if manifest.tokenizer.file_sha256:
+        part = parts[0][0]
+        src_fs, src = storage.resolve(part)
+        if storage.size(src_fs, storage.join(src, TOKENIZER_NAME)) is None:
+            raise CacheError(f"{storage.join(part, TOKENIZER_NAME)}: missing (the manifest records its sha256)")
+        storage.upload(src_fs, storage.join(src, TOKENIZER_NAME), dst_fs, storage.join(dst, TOKENIZER_NAME),
+                       manifest.tokenizer.file_sha256,
+                       f"{storage.join(part, TOKENIZER_NAME)} -> {storage.join(out, TOKENIZER_NAME)}")
     storage.write_json(storage.join(out, CONFIG_NAME), capture_config)
     write_manifest(out, manifest)
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .errors import CacheError
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
+from .manifest import MANIFEST_NAME, TOKENIZER_NAME, Manifest, ShardInfo, read_manifest
 from .schema import DOC_LENGTHS, SPLITS, codec_from_params, position_ids, shard_schema, supervised_positions
 
 
@@ -68,6 +68,24 @@ class Cache:
         if storage.sha256(self._fs, path) != shard.sha256:
             raise CacheError(f"{self.where(shard.path)}: sha256 mismatch (shard corrupted)")
         self._checked.add(shard.path)
+
+    def tokenizer_json(self) -> str | None:
+        """The teacher tokenizer's tokenizer.json (text, for `tokenizers.Tokenizer.from_str`) after checking its
+        sha256 against the manifest's; None for a cache that carries none (written before caches did).
+        CacheError naming the file if it is missing or altered."""
+        digest = self.manifest.tokenizer.file_sha256
+        if not digest:
+            return None
+        path, where = storage.join(self._base, TOKENIZER_NAME), self.where(TOKENIZER_NAME)
+        if storage.size(self._fs, path) is None:
+            raise CacheError(f"{where}: missing (the manifest records its sha256)")
+        data = storage.read_bytes(self._fs, path)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CacheError(f"{where}: sha256 mismatch (the teacher's tokenizer file is corrupted or replaced)")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:         # only with a manifest recording the digest of such bytes
+            raise CacheError(f"{where}: not UTF-8 ({e})") from None
 
     def num_row_groups(self, shard: ShardInfo) -> int:
         """From the Parquet footer after the size check only: planning a read never hashes the whole shard."""

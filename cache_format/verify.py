@@ -1,4 +1,5 @@
-"""verify_cache: every shard's checksum, schema and counts against the manifest; the first bad one is named."""
+"""verify_cache: every shard's checksum, schema and counts against the manifest, and the teacher's tokenizer.json
+against its sha256; the first bad file is named."""
 
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
     """Raise CacheError at the first problem; return totals when the whole cache is sound."""
     cache = open_cache(path)
     m = cache.manifest
+    cache.tokenizer_json()                      # the teacher's tokenizer.json, when the manifest records one
     shards = rows = tokens = nbytes = 0
     for split, domains in sorted(m.splits.items()):
         for domain, info in sorted(domains.items()):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
                           SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, files_fingerprint, publish, storage,
-                          tokenizer_fingerprint, weights_fingerprint, write_manifest)
+                          weights_fingerprint, write_manifest, write_tokenizer)
 
 from . import __version__
 from .chat import load_template, resolve_template, template_fingerprint
@@ -42,7 +42,9 @@ WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
 DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
 # options that change how the engine runs, not what the cache holds (at most float rounding: model parallelism,
 # vLLM's output path): a re-run may change them freely
-RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output")
+PROBE_ROWS, PROBE_TOKENS = 4, 128     # the rows on which vLLM's hidden-states output is checked (VLLMTeacher)
+RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output",
+                   "enforce_eager")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class CaptureConfig:
     tensor_parallel_size: int = 1       # vLLM: GPUs that split each layer (one node)
     pipeline_parallel_size: int = 1     # vLLM: stages the layers are split into (GPUs or nodes)
     vllm_output: str = "auto"           # vLLM: "hidden" states out (head + top-k here), "logprobs", "auto"
+    enforce_eager: bool = False         # vLLM: no torch.compile, no CUDA graphs (starts faster)
     format: str = "auto"                # records: text, chat (messages), prompt-completion; auto: per record
     train_on: str = "assistant"         # conversations' trained tokens: assistant, last-assistant, all
     chat_template: str | None = None    # a Jinja file (or chat_template.json) instead of the tokenizer's
@@ -156,6 +159,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     storage.write_json(out / CONFIG_NAME, identity)
+    write_tokenizer(out, tokenizer)                        # the teacher's tokenizer.json, beside the manifest
     codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
     R, mine = cfg.rows_per_shard, _owner(cfg)
     shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in _streams(cfg)}
@@ -175,7 +179,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
             info = _finished_shard(out, rel)
             if info is None:
                 if teacher is None:
-                    teacher, engine_seconds = _start_engine(cfg, out)
+                    teacher, engine_seconds = _start_engine(cfg, out, rows)
                     bar.reset(total=total)                     # rates from here on, engine start excluded
                 info = _capture_shard(out, rel, rows, j * R, domain, teacher, cfg, codec, bar)
                 teacher_tokens += info.tokens
@@ -263,7 +267,7 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int, Reading]:
     out = Path(cfg.out)
     if "://" not in cfg.out and out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
-    from .teachers import read_model_config, resolve_backend
+    from .teachers import check_teacher, read_model_config, resolve_backend
     model_config = read_model_config(cfg.teacher)
     for spec in cfg.data:                                                   # bad data paths fail before any work
         resolve_files(spec)
@@ -278,6 +282,7 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int, Reading]:
         raise KdcacheError(f"--seq-len {cfg.seq_len} is above the teacher's max_position_embeddings {max_pos}")
     cfg = replace(cfg, backend=resolve_backend(cfg.backend or ("hf" if cfg.targets == "sampled" else None)),
                   packing=packing)
+    check_teacher(cfg.teacher, cfg.backend, len(tokenizer))
     if cfg.backend != "vllm" and cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         raise KdcacheError(f"--tensor-parallel-size {cfg.tensor_parallel_size} / --pipeline-parallel-size "
                            f"{cfg.pipeline_parallel_size}: model parallelism needs --backend vllm (got {cfg.backend})")
@@ -331,14 +336,20 @@ def _shard_rows(cfg: CaptureConfig, tokenizer, reading: Reading,
                 yield split, spec.domain, done[split] // R, pending[split]
 
 
-def _start_engine(cfg: CaptureConfig, out: Path):
+def _start_engine(cfg: CaptureConfig, out: Path, rows: list[Row]):
     """(the started teacher engine, seconds its start took); its name, version and dtype are recorded in
-    .progress/ so that a resumed run that starts none still knows them."""
+    .progress/ so that a resumed run that starts none still knows them. vLLM checks its fast path on the first
+    document (at most PROBE_TOKENS tokens) of the first PROBE_ROWS rows."""
     from .teachers import load_teacher
     t0 = time.perf_counter()
-    teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype, **_engine_options(cfg))
+    options = _engine_options(cfg)
+    if cfg.backend == "vllm":
+        firsts = [r.input_ids[: r.doc_lengths[0] if r.doc_lengths else len(r)][:PROBE_TOKENS] for r in rows]
+        options["probe"] = [ids for ids in firsts if len(ids) > 1][:PROBE_ROWS]
+    teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype, **options)
     storage.write_json(out / PROGRESS_DIR / "engine.json",
-                       {"name": teacher.engine, "version": teacher.engine_version, "dtype": teacher.dtype})
+                       {"name": teacher.engine, "version": teacher.engine_version, "dtype": teacher.dtype,
+                        "output": getattr(teacher, "output", "")})
     return teacher, time.perf_counter() - t0
 
 
@@ -356,9 +367,9 @@ def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
     return Manifest(
         teacher=TeacherInfo(path=str(Path(cfg.teacher).resolve()), name=model_name(cfg.teacher),
                             fingerprint=identity["teacher_fingerprint"], engine=engine["name"],
-                            engine_version=engine["version"], logprobs_mode="raw_logprobs", dtype=engine["dtype"]),
-        tokenizer=TokenizerInfo(vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
-                                eos_id=int(tokenizer.eos_token_id)),
+                            engine_version=engine["version"], logprobs_mode="raw_logprobs", dtype=engine["dtype"],
+                            output=engine.get("output", "")),
+        tokenizer=TokenizerInfo.of(tokenizer, out),       # with the sha256 of out/tokenizer.json
         top_k=cfg.width, seq_len=cfg.seq_len, codec=codec.params(),
         split=SplitRule(rule=SPLIT_RULE, seed=cfg.split_seed, val_fraction=cfg.val_fraction),
         splits=splits, capture_config={**identity, "plan": plan}, created_by=f"kdcache {__version__}",
@@ -451,7 +462,8 @@ def _engine_options(cfg: CaptureConfig) -> dict:
     if cfg.backend != "vllm":
         return {}
     return {"gpu_memory_utilization": cfg.gpu_memory_utilization, "tensor_parallel_size": cfg.tensor_parallel_size,
-            "pipeline_parallel_size": cfg.pipeline_parallel_size, "output": cfg.vllm_output}
+            "pipeline_parallel_size": cfg.pipeline_parallel_size, "output": cfg.vllm_output,
+            "enforce_eager": cfg.enforce_eager}
 
 
 def _check_identity(out: Path, identity: dict) -> bool:

@@ -97,8 +97,10 @@ _capture = functools.partial(config_option, CaptureConfig)     # an option whose
 @_capture("gpu_memory_utilization", float, "vLLM: share of GPU memory (on CPU: of host RAM) for the engine. "
           "Default 0.85 GPU, 0.25 CPU.")
 @_capture("vllm_output", click.Choice(["auto", "hidden", "logprobs"]), "vLLM: hidden = final hidden states out, "
-          "head and top-k run by kdcache (Llama, Mistral, Qwen2/3); logprobs = vLLM's prompt_logprobs (any model, "
+          "head and top-k run by kdcache (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 2/3, Granite, Phi, Phi-3, "
+          "GPT-NeoX), checked against logprobs on the first rows; logprobs = vLLM's prompt_logprobs (any model, "
           "slower); auto = hidden where it can.")
+@_capture("enforce_eager", bool, "vLLM: no torch.compile and no CUDA graphs: the engine starts faster.")
 @_capture("tensor_parallel_size", int, "vLLM: GPUs that split each layer of the teacher (within a node).")
 @_capture("pipeline_parallel_size", int, "vLLM: pipeline stages the teacher's layers are split into (GPUs or nodes).")
 @click.option("--config", "config_path", default=None,

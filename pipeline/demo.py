@@ -169,7 +169,7 @@ def _generate(cache: Path, models: dict[str, Path]) -> dict:
     opened = open_cache(cache)                                   # its text domains have no reply: left out
     out = {}
     for name, path in models.items():
-        model, tokenizer = load_student(str(path), opened.manifest)
+        model, tokenizer = load_student(str(path), opened)
         out[name] = generation_report(opened, model, tokenizer, "val", GENERATE_N, GENERATE_TOKENS,
                                       batch_size=16)["domains"][CHAT]
         pairs = last_replies(opened, "val", CHAT, len(out[name]["examples"]))

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -228,16 +229,104 @@ class _Joined:
         return out
 
 
-# Architectures whose logits are exactly final_hidden @ W.T (no bias, scale or soft-cap), W the lm_head or, tied,
-# the input embedding: for these the vLLM engine returns hidden states and the head runs here (VLLMTeacher).
-PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+@dataclass(frozen=True)
+class OutputHead:
+    """How a family turns final hidden states h (N, d) into logits: softcap(scale * (h @ W.T + b)), softcap(x) =
+    c * tanh(x / c). W (and b) are read from the checkpoint by name; the rest comes from the config."""
+
+    weight: str                    # checkpoint tensor (V, d): the output projection, or the input embedding if tied
+    bias: str | None = None        # checkpoint tensor (V,)
+    scale: float = 1.0             # Granite: 1 / logits_scaling
+    softcap: float | None = None   # Gemma 2: final_logit_softcapping
+
+
+# Architectures whose vLLM model is the transformers model's body followed by OutputHead: for these the engine
+# returns final hidden states and kdcache applies the head (VLLMTeacher "hidden"). Each entry: (untied weight,
+# tied weight, bias), options read from the config by output_head(). Every one is in the test matrix.
+_HEADS = {
+    **dict.fromkeys(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma2ForCausalLM",
+                     "Gemma3ForCausalLM"), ("lm_head.weight", "model.embed_tokens.weight", None)),
+    "GPTNeoXForCausalLM": ("embed_out.weight", "gpt_neox.embed_in.weight", None),
+    "PhiForCausalLM": ("lm_head.weight", "model.embed_tokens.weight", "lm_head.bias"),
+}
+
+
+def output_head(path: str) -> OutputHead | None:
+    """The teacher's OutputHead, or None when its architecture is not one whose head kdcache knows."""
+    from transformers import AutoConfig
+
+    architectures = read_model_config(path).get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in _HEADS:
+        return None
+    untied, tied, bias = _HEADS[architectures[0]]
+    config = AutoConfig.from_pretrained(path)
+    scaling = getattr(config, "logits_scaling", None)
+    return OutputHead(weight=tied if config.tie_word_embeddings else untied, bias=bias,
+                      scale=1.0 / scaling if scaling else 1.0,
+                      softcap=getattr(config, "final_logit_softcapping", None) or None)
+
+
+def head_tensors(path: str, head: OutputHead) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W (V, d), b (V,) or None) read from the teacher's safetensors file(s)."""
+    from safetensors import safe_open
+
+    index = Path(path) / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+    tensors = []
+    for name in (head.weight, head.bias):
+        file = weight_map.get(name) if index.exists() else "model.safetensors"
+        if name is None:
+            tensors.append(None)
+            continue
+        if file is None or not (Path(path) / file).exists():
+            raise KdcacheError(f"--teacher {path}: no {name} in its safetensors files (use --vllm-output logprobs)")
+        with safe_open(str(Path(path) / file), framework="pt") as f:
+            if name not in f.keys():   # noqa: SIM118 (safe_open has no __contains__)
+                raise KdcacheError(f"--teacher {path}: no {name} in {file} (use --vllm-output logprobs)")
+            tensors.append(f.get_tensor(name))
+    return tensors[0], tensors[1]
+
+
+def apply_head(hidden: torch.Tensor, head: OutputHead, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits (n, V) float32 of hidden (n, d): the matmul in the weights' dtype, the options in float32."""
+    logits = (hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)).float()   # (n, V)
+    if head.scale != 1.0:
+        logits *= head.scale
+    if head.softcap:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+def fast_path_disagreement(reference: list[TopkRow], fast: list[TopkRow], dtype: str) -> str | None:
+    """Why the fast path's rows disagree with vLLM's prompt log-probs on the same rows (None: they agree): top-1
+    agreement below 90 %, top-k overlap below 90 %, or a median |log p(next token)| difference above the dtype's
+    rounding (1e-3 nats in float32, 0.05 otherwise). A head option kdcache does not apply (a missing soft-cap,
+    scale or bias) moves log-probs by far more than that."""
+    top1 = overlap = 0
+    errors = []
+    for (ids_r, _, target_r), (ids_f, _, target_f) in zip(reference, fast):
+        n = len(ids_r) - 1                                     # positions with a distribution
+        top1 += int((ids_r[:n, 0] == ids_f[:n, 0]).sum())
+        overlap += sum(len(set(a) & set(b)) for a, b in zip(ids_r[:n].tolist(), ids_f[:n].tolist()))
+        errors.append(np.abs(target_r[:n] - target_f[:n]))
+    positions = sum(len(r[0]) - 1 for r in reference)
+    k = reference[0][0].shape[1]
+    error, bound = float(np.median(np.concatenate(errors))), 1e-3 if dtype == "float32" else 0.05
+    if top1 < 0.9 * positions or overlap < 0.9 * positions * k or not error <= bound:
+        return (f"top-1 agreement {top1 / positions:.0%}, top-{k} overlap {overlap / (positions * k):.0%}, "
+                f"median |log p| difference {error:.3g} (bound {bound:g}) over {positions} positions")
+    return None
 
 
 class VLLMTeacher:
     """vLLM on pre-tokenized rows, with one of two outputs (`output`, default "auto": hidden when it can):
     - "hidden": the pooling API (`LLM.encode`, task token_embed) returns each row's final hidden states as one
-      tensor; the output head, log_softmax and top-k then run here (topk_logprobs), on the GPU when there is one.
-      Only for PLAIN_HEAD_ARCHITECTURES, whose head is read from the checkpoint.
+      tensor; the family's OutputHead, log_softmax and top-k then run here (topk_logprobs), on the GPU when there
+      is one. For the architectures of _HEADS. Guarded: the `probe` rows (a few short rows of the capture's first
+      batch) first run through the "logprobs" output in a short-lived engine, then through "hidden"; if the two
+      disagree (fast_path_disagreement), "auto" goes on with "logprobs" (warning) and "hidden" is an error, so a
+      head option kdcache does not know can never write a wrong cache.
     - "logprobs": `generate` with prompt_logprobs=k, flat_logprobs, detokenize=False, arrays built per request
       from the flat lists (any architecture; vLLM's front end appends k+1 Python entries per position)."""
 
@@ -246,41 +335,80 @@ class VLLMTeacher:
 
     def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, max_model_len: int | None = None,
-                 output: str = "auto"):
+                 output: str = "auto", probe: list[np.ndarray] | None = None, enforce_eager: bool = False):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # capture's tokenizer thread runs while the engine starts: spawn its processes rather than fork them
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         config = read_model_config(path)
-        head_ok = bool(config.get("architectures")) and set(config["architectures"]) <= set(PLAIN_HEAD_ARCHITECTURES)
-        if output == "hidden" and not head_ok:
-            raise KdcacheError(f"--vllm-output hidden: {config.get('architectures')} is not one of "
-                               f"{', '.join(PLAIN_HEAD_ARCHITECTURES)}; use --vllm-output logprobs")
-        self.output = output if output != "auto" else "hidden" if head_ok else "logprobs"
+        self.path, self.k = path, k
+        self.head = output_head(path) if output != "logprobs" else None
+        if output == "hidden" and self.head is None:
+            raise KdcacheError(f"--vllm-output hidden: {config.get('architectures')} is not one of the architectures "
+                               f"whose output head kdcache applies ({', '.join(_HEADS)}); use --vllm-output logprobs")
+        if self.head is not None:                                          # checked before any engine starts
+            try:
+                self.head_weight, self.head_bias = head_tensors(path, self.head)
+            except KdcacheError as e:
+                if output == "hidden":
+                    raise
+                log.info("%s: capturing with --vllm-output logprobs", e)
+                self.head = None
         # vLLM wants room for one generated token after the prompt; that token is sampled from the last prompt
         # position, so a row of exactly max_position_embeddings tokens is safe: allow the +1.
         max_model_len = max_model_len or seq_len + 1
         if max_model_len > config.get("max_position_embeddings", max_model_len):
             os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+        self.options = {"model": path, "max_model_len": max_model_len, "dtype": dtype, "enable_prefix_caching": False,
+                        "seed": 0, "gpu_memory_utilization": gpu_memory_utilization,
+                        "tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
+                        "enforce_eager": enforce_eager}
+        self.engine_version = _vllm_version()
+        if self.head is None:
+            self._start("logprobs")
+            return
+        reference = None
+        if probe:
+            self._start("logprobs", enforce_eager=True)
+            reference = self.topk(probe, k).rows()
+            self._stop()
+        self._start("hidden")
+        if reference is not None:
+            why = fast_path_disagreement(reference, self.topk(probe, k).rows(), self.dtype)
+            if why is not None and output == "hidden":
+                self.close()
+                raise KdcacheError(f"--vllm-output hidden: kdcache's output head for {config['architectures']} "
+                                   f"disagrees with vLLM's log-probs ({why}); use --vllm-output logprobs")
+            if why is not None:
+                log.warning("the hidden-states output disagrees with vLLM's log-probs on the first rows (%s): "
+                            "capturing with --vllm-output logprobs", why)
+                self._stop()
+                self._start("logprobs")
+            else:
+                log.info("hidden-states output checked against vLLM's log-probs on %d positions",
+                         sum(len(r) - 1 for r in probe))
+
+    def _start(self, output: str, **extra) -> None:
+        """Start the engine for `output` ("hidden": pooling runner; "logprobs": generate runner)."""
         from vllm import LLM
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        head = _output_head(path) if self.output == "hidden" else None    # (V, d), checked before the engine starts
-        if gpu_memory_utilization is None:   # on CPU it is the share of host RAM reserved for the KV cache
-            gpu_memory_utilization = (0.85 if self.output == "hidden" else 0.9) if torch.cuda.is_available() else 0.25
-        common = dict(model=path, max_model_len=max_model_len, dtype=dtype, enable_prefix_caching=False, seed=0,
-                      gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                      pipeline_parallel_size=pipeline_parallel_size)
-        if self.output == "hidden":
+        self.output = output
+        share = self.options["gpu_memory_utilization"]
+        if share is None:   # on CPU it is the share of host RAM reserved for the KV cache
+            share = (0.85 if output == "hidden" else 0.9) if torch.cuda.is_available() else 0.25
+        options = {**self.options, "gpu_memory_utilization": share, **extra}   # extra: the probe's engine is eager
+        if output == "hidden":
             from vllm.config import PoolerConfig
-            self.llm = LLM(runner="pooling", convert="embed", pooler_config=PoolerConfig(task="token_embed"), **common)
+            self.llm = LLM(runner="pooling", convert="embed", pooler_config=PoolerConfig(task="token_embed"), **options)
         else:
-            self.llm = LLM(max_logprobs=k, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode, **common)
+            self.llm = LLM(max_logprobs=self.k, skip_tokenizer_init=True, logprobs_mode=self.logprobs_mode, **options)
         model_config = self.llm.llm_engine.model_config
         self.dtype = str(model_config.dtype).removeprefix("torch.")
         self.vocab_size = model_config.get_vocab_size()
-        self.engine_version = _vllm_version()
-        if head is not None:
-            self.head = head.to(device, model_config.dtype)                # (V, d)
+        if output == "hidden":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.head_weight = self.head_weight.to(device, model_config.dtype)                     # (V, d)
+            if self.head_bias is not None:
+                self.head_bias = self.head_bias.to(device, model_config.dtype)                     # (V,)
 
     def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None,
              supervised: list | None = None) -> "PendingRows | _Later | _Joined":
@@ -318,31 +446,20 @@ class VLLMTeacher:
     @torch.inference_mode()
     def _head_topk(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, lengths: list[int],
                    keep: torch.Tensor | None = None) -> PendingRows:
-        hidden, next_ids = hidden.to(self.head.device, self.head.dtype), next_ids.to(self.head.device)
-        return PendingRows(*topk_logprobs(lambda sl: hidden[sl] @ self.head.T, next_ids, len(self.head), k,
-                                          keep=keep), lengths)
+        weight, bias = self.head_weight, self.head_bias
+        hidden, next_ids = hidden.to(weight.device, weight.dtype), next_ids.to(weight.device)
+        return PendingRows(*topk_logprobs(lambda sl: apply_head(hidden[sl], self.head, weight, bias), next_ids,
+                                          len(weight), k, keep=keep), lengths)
 
-    def close(self) -> None:
+    def _stop(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None:
             engine_core.shutdown()
         del self.llm
         gc.collect()
 
-
-def _output_head(path: str) -> torch.Tensor:
-    """The output projection W (V, d) of a PLAIN_HEAD_ARCHITECTURES checkpoint: lm_head.weight, or the input
-    embedding when the config ties them, read from its safetensors file(s)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    name = "model.embed_tokens.weight" if AutoConfig.from_pretrained(path).tie_word_embeddings else "lm_head.weight"
-    index = Path(path) / "model.safetensors.index.json"
-    file = json.loads(index.read_text())["weight_map"].get(name) if index.exists() else "model.safetensors"
-    if file is None or not (Path(path) / file).exists():
-        raise KdcacheError(f"--teacher {path}: no {name} in its safetensors files (use --vllm-output logprobs)")
-    with safe_open(str(Path(path) / file), framework="pt") as f:
-        return f.get_tensor(name)
+    def close(self) -> None:
+        self._stop()
 
 
 def _flat_to_arrays(flat, T: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -398,6 +515,30 @@ def read_model_config(path: str) -> dict:
         raise KdcacheError(f"--teacher {path}: no config.json (not a Hugging Face model directory)")
     config = json.loads((p / "config.json").read_text())
     return {**config, **config.get("text_config", {})}
+
+
+def check_teacher(path: str, backend: str, tokenizer_size: int) -> None:
+    """KdcacheError, before any engine starts, for a teacher directory without weights, a config whose vocabulary is
+    smaller than its tokenizer's, or an architecture that the backend cannot load (vLLM: neither its own model
+    nor, through its transformers backend, one transformers knows)."""
+    from transformers import CONFIG_MAPPING
+
+    config = read_model_config(path)
+    if not any(f.suffix in (".safetensors", ".bin") for f in Path(path).iterdir()):
+        raise KdcacheError(f"--teacher {path}: no weights (no .safetensors or .bin file)")
+    vocab = int(config.get("vocab_size") or 0)
+    if vocab < tokenizer_size:
+        raise KdcacheError(f"--teacher {path}: config.json has vocab_size {vocab}, below its tokenizer's "
+                           f"{tokenizer_size} tokens (ids {vocab}..{tokenizer_size - 1} could not be predicted)")
+    architectures = config.get("architectures") or []
+    known = config.get("model_type") in CONFIG_MAPPING
+    if backend == "vllm" and not known:
+        from vllm import ModelRegistry
+        known = bool(architectures) and set(architectures) <= set(ModelRegistry.get_supported_archs())
+    if not known:
+        engine = f"transformers {metadata.version('transformers')}" if backend == "hf" else _vllm_version()
+        raise KdcacheError(f"--teacher {path}: architecture {', '.join(architectures) or '(none)'} (model_type "
+                           f"{config.get('model_type')!r}) is not one {engine} can load")
 
 
 def model_name(path: str) -> str:

@@ -60,7 +60,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     with cfg.generate also the "generate" block (module doc); with cfg.out, also write it there (atomically) with
     the config under "config"."""
     cache = open_cache(cfg.cache)
-    model, tokenizer = load_student(cfg.student, cache.manifest, cfg.device)
+    model, tokenizer = load_student(cfg.student, cache, cfg.device)
     gen = {}
     if cfg.generate:                 # first: a cache without replies is refused before the long CE pass
         split_domains(cache, cfg.split)
@@ -74,7 +74,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if cfg.teacher is not None:
             del model                                            # one model in memory at a time
             try:
-                teacher, teacher_tok = load_student(cfg.teacher, cache.manifest, cfg.device)
+                teacher, teacher_tok = load_student(cfg.teacher, cache, cfg.device)
             except KdcacheError as e:
                 raise KdcacheError(f"--teacher: {e}") from None
             gen["teacher"] = generation_report(cache, teacher, teacher_tok, cfg.split, cfg.generate,

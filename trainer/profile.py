@@ -48,7 +48,7 @@ def run_profile(cfg: ProfileConfig) -> dict:
     atomically, with the config) and return the profile."""
     cache = open_cache(cfg.cache)
     domains = profile_domains(cache, cfg.split)
-    model, _ = load_student(cfg.student, cache.manifest, cfg.device)
+    model, _ = load_student(cfg.student, cache, cfg.device)
     report = evaluate(cache, model, split=cfg.split, batch_size=cfg.batch_size,
                       max_rows_per_domain=cfg.max_rows_per_domain)
     stats = [report["domains"][d] for d in domains]

@@ -131,7 +131,7 @@ def plan_train(cfg: TrainConfig) -> dict:
     checkpoint for --resume) and write nothing; the plan: steps, rows and tokens, epochs per domain at the starting
     weights, and an estimate of the memory a step needs."""
     cache, sampler = _open(cfg)
-    model, _ = load_student(cfg.student, cache.manifest, torch.device("cpu"), dtype=torch.float32)
+    model, _ = load_student(cfg.student, cache, torch.device("cpu"), dtype=torch.float32)
     world = int(os.environ.get("WORLD_SIZE", 1))
     CacheStream(cache, "train", cfg.batch_size, cfg.seed, 0, world)                      # sizes checked
     ckpt = prepare_run(Path(cfg.out), cfg, identity(cfg, cache, world), write=False)
@@ -181,7 +181,7 @@ def _open(cfg: TrainConfig) -> tuple[Cache, FixedSampler | DDKSampler]:
 
 def _build(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> _Trainee:
     cache, sampler = _open(cfg)
-    model, tokenizer = load_student(cfg.student, cache.manifest, device, dtype=torch.float32)
+    model, tokenizer = load_student(cfg.student, cache, device, dtype=torch.float32)
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise KdcacheError(f"{cfg.student}: an output layer with a bias is not supported")
     if cfg.gradient_checkpointing:
@@ -189,8 +189,8 @@ def _build(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> _
     model.train()
     if cfg.compile:
         model.base_model.compile()
-    student = distributed.wrap(_Distiller(model, cache.manifest.tokenizer.vocab_size, cfg.chunk_size,
-                                          buckets=cfg.loss != "ce"),
+    vocab = max(cache.manifest.tokenizer.vocab_size, len(tokenizer))   # a student's own added tokens are trained
+    student = distributed.wrap(_Distiller(model, vocab, cfg.chunk_size, buckets=cfg.loss != "ce"),
                                list(getattr(model.base_model, "layers", [])), cfg.fsdp, ranks, device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)

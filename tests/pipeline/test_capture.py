@@ -1,8 +1,10 @@
 """kdcache capture end to end with the HF engine: content, resume after kill -9, bad input (workers + merge:
 test_merge.py)."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cache_format import open_cache, verify_cache
+from cache_format import TOKENIZER_NAME, open_cache, publish, verify_cache
 from tests.helpers import domain_texts
 
 
@@ -199,3 +201,25 @@ def test_bad_inputs_one_line_error_and_no_manifest(tiny_models, corpus, tmp_path
     assert "no-model" in one_line_error(r)
     r = kdcache("capture", "--teacher", teacher, "--data", f"code={corpus['code']}", "--out", a_file, "--backend", "hf")
     assert "not a directory" in one_line_error(r)
+
+
+def test_the_cache_carries_the_teacher_tokenizer_and_verify_checks_it(hf_cache, tiny_models, tmp_path):
+    """tokenizer.json at the cache root is the teacher's fast serialisation, its sha256 in the manifest; a copy to
+    a URL carries it; verify refuses it corrupted or missing in one line naming it."""
+    teacher = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    data = (hf_cache / TOKENIZER_NAME).read_bytes()
+    assert data.decode() == teacher.backend_tokenizer.to_str()
+    info = open_cache(hf_cache).manifest.tokenizer
+    assert info.file_sha256 == hashlib.sha256(data).hexdigest()
+    assert info.named_ids == {"bos": teacher.bos_token_id, "eos": teacher.eos_token_id, "unk": None, "pad": None}
+    url = f"file://{tmp_path / 'published'}"
+    publish(str(hf_cache), url)                                     # capture --out URL and merge commit this way
+    assert (tmp_path / "published" / TOKENIZER_NAME).read_bytes() == data
+    verify_cache(url)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_cache, bad)
+    (bad / TOKENIZER_NAME).write_bytes(data.replace(b'"', b"'", 1))
+    assert f"Error: {bad / TOKENIZER_NAME}: sha256 mismatch" in one_line_error(kdcache("verify", bad))
+    (bad / TOKENIZER_NAME).unlink()
+    assert f"Error: {bad / TOKENIZER_NAME}: missing" in one_line_error(kdcache("verify", bad))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cache_format import CONFIG_NAME, KdcacheError, verify_cache
+from cache_format import CONFIG_NAME, TOKENIZER_NAME, KdcacheError, verify_cache
 from pipeline.capture import CaptureConfig, run_capture
 from pipeline.merge import MergeConfig, run_merge
 
@@ -37,8 +37,8 @@ def test_merged_parts_equal_the_single_worker_cache(captures, tmp_path):
     assert all(len(files(p)) > 2 for p in parts)                          # every worker wrote shards
     out = run_merge(MergeConfig(tuple(map(str, reversed(parts))), str(tmp_path / "merged")))   # any order
     verify_cache(out)
-    assert files(Path(out)) == files(single)                             # shards, manifest, capture_config.json
-    assert CONFIG_NAME in files(single)
+    assert files(Path(out)) == files(single)              # shards, manifest, capture_config.json, tokenizer.json
+    assert CONFIG_NAME in files(single) and TOKENIZER_NAME in files(single)
 
 
 def test_the_cli_merges_and_refuses_in_one_line(captures, tmp_path):

@@ -120,8 +120,10 @@ def test_foreign_tokenizer_is_refused(caches, tiny_models, tmp_path):
     build_tokenizer(student, vocab_size=300)
     with pytest.raises(KdcacheError, match="tokenizer differs from the cache's teacher tokenizer") as e:
         load_student(str(student), open_cache(caches["k8"]).manifest, device="cpu")
-    V = len(AutoTokenizer.from_pretrained(tiny_models["student"]))
-    assert "student vocab 300" in str(e.value) and f"teacher vocab {V}" in str(e.value)
+    teacher = AutoTokenizer.from_pretrained(tiny_models["student"])    # the same BPE run, 300 ids: a prefix
+    token = teacher.convert_ids_to_tokens(300)
+    assert f"at id 300: teacher {token!r}, the student's vocabulary ends at id 299" in str(e.value)
+    assert f"extend it with tokens after id {len(teacher) - 1})" in str(e.value)
 
 
 def test_padded_embedding_student_works(caches, tiny_models, tmp_path):

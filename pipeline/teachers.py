@@ -242,7 +242,8 @@ class OutputHead:
 
 # Architectures whose vLLM model is the transformers model's body followed by OutputHead: for these the engine
 # returns final hidden states and kdcache applies the head (VLLMTeacher "hidden"). Each entry: (untied weight,
-# tied weight, bias), options read from the config by output_head(). Every one is in the test matrix.
+# tied weight, bias), options read from the config by output_head(). Every one is in the test matrix
+# (tests/pipeline/test_teacher_families.py) but Mistral and Qwen3, which vLLM runs with Llama's and Qwen2's code.
 _HEADS = {
     **dict.fromkeys(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM", "Gemma2ForCausalLM",
@@ -273,19 +274,17 @@ def head_tensors(path: str, head: OutputHead) -> tuple[torch.Tensor, torch.Tenso
 
     index = Path(path) / "model.safetensors.index.json"
     weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
-    tensors = []
-    for name in (head.weight, head.bias):
+
+    def read(name: str) -> torch.Tensor:
         file = weight_map.get(name) if index.exists() else "model.safetensors"
-        if name is None:
-            tensors.append(None)
-            continue
         if file is None or not (Path(path) / file).exists():
             raise KdcacheError(f"--teacher {path}: no {name} in its safetensors files (use --vllm-output logprobs)")
         with safe_open(str(Path(path) / file), framework="pt") as f:
             if name not in f.keys():   # noqa: SIM118 (safe_open has no __contains__)
                 raise KdcacheError(f"--teacher {path}: no {name} in {file} (use --vllm-output logprobs)")
-            tensors.append(f.get_tensor(name))
-    return tensors[0], tensors[1]
+            return f.get_tensor(name)
+
+    return read(head.weight), read(head.bias) if head.bias else None
 
 
 def apply_head(hidden: torch.Tensor, head: OutputHead, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -333,9 +332,10 @@ class VLLMTeacher:
     engine = "vllm"
     logprobs_mode = "raw_logprobs"
 
-    def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto", gpu_memory_utilization: float | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, max_model_len: int | None = None,
-                 output: str = "auto", probe: list[np.ndarray] | None = None, enforce_eager: bool = False):
+    def __init__(self, path: str, k: int, seq_len: int, dtype: str = "auto",
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, max_model_len: int | None = None, output: str = "auto",
+                 probe: list[np.ndarray] | None = None, enforce_eager: bool = False):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # capture's tokenizer thread runs while the engine starts: spawn its processes rather than fork them
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

@@ -71,8 +71,8 @@ def build_llama(out_dir: Path, vocab_size: int, hidden: int, layers: int, seed: 
 
 
 # The teacher families of the engine test matrix at their real vocabulary sizes, with their head options: name ->
-# (transformers config class, model class, vocabulary size, config options). head_dim is 64 (vLLM's CPU attention
-# takes 32, 64 or 128).
+# (transformers config class, model class, vocabulary size, config options). Heads of 64 (vLLM's CPU attention takes
+# 32, 64 or 128), no grouped-query attention (GPT-NeoX has none).
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", 151_936, {"tie_word_embeddings": True}),
     "llama3": ("LlamaConfig", "LlamaForCausalLM", 128_256, {"tie_word_embeddings": False}),
@@ -85,16 +85,16 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", 200_064,
              {"tie_word_embeddings": True, "partial_rotary_factor": 0.75, "pad_token_id": 0}),
     "phi": ("PhiConfig", "PhiForCausalLM", 51_200, {"partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", 50_304,      # no grouped-query attention in GPT-NeoX
-                 {"rotary_pct": 0.25, "tie_word_embeddings": False, "num_key_value_heads": 2}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", 50_304, {"rotary_pct": 0.25, "tie_word_embeddings": False}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", 151_936,
                   {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                    "tie_word_embeddings": False}),
 }
 
 
-def build_family(out_dir: Path, family: str, tokenizer, seed: int = 0, logit_std: float = 6.0):
-    """A tiny random teacher of FAMILIES[family] (2 layers, d = 128, float32) saved with `tokenizer`. Its output
+def build_family(out_dir: Path, family: str, tokenizer, seed: int = 0, logit_std: float = 6.0, hidden: int = 128,
+                 layers: int = 2):
+    """A tiny random teacher of FAMILIES[family] (heads of 64, float32) saved with `tokenizer`. Its output
     projection is scaled so that the logits have about `logit_std` standard deviation before the family's own scale
     and soft-cap (real teachers' logits reach 20-30: a missing soft-cap or scale shows), and a bias, where the
     family has one, is drawn large enough to move the ranking."""
@@ -104,13 +104,13 @@ def build_family(out_dir: Path, family: str, tokenizer, seed: int = 0, logit_std
     config_class, model_class, vocab, options = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
-        **{"vocab_size": vocab, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+        **{"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+           "num_attention_heads": hidden // 64, "num_key_value_heads": hidden // 64, "max_position_embeddings": 512,
            "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, **options})
     model = getattr(transformers, model_class)(config).eval()
     head = model.get_output_embeddings()
     with torch.no_grad():
-        head.weight.mul_(logit_std / head.weight.std() / 128 ** 0.5 / getattr(config, "logits_scaling", 1.0) ** -1)
+        head.weight.mul_(logit_std / head.weight.std() / hidden ** 0.5 / getattr(config, "logits_scaling", 1.0) ** -1)
         if getattr(head, "bias", None) is not None:
             head.bias.normal_(0.0, logit_std / 2)
     model.save_pretrained(out_dir)

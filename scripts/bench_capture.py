@@ -62,7 +62,7 @@ def bench_vllm(path: str, rows: list[np.ndarray], k: int, seq_len: int, repeats:
     from vllm import PoolingParams, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from pipeline.teachers import VLLMTeacher
+    from pipeline.teachers import VLLMTeacher, apply_head
 
     prompts = [TokensPrompt(prompt_token_ids=r.tolist()) for r in rows]
     tokens = sum(map(len, rows))
@@ -84,9 +84,9 @@ def bench_vllm(path: str, rows: list[np.ndarray], k: int, seq_len: int, repeats:
     @torch.inference_mode()
     def forward_with_head():   # the prefill plus the head at every position (what capture needs), chunked like it
         hidden, _ = teacher.hidden_states(rows)                                    # (N, d)
-        step = max(1, (1 << 22) // len(teacher.head))
+        step = max(1, (1 << 22) // len(teacher.head_weight))
         for start in range(0, len(hidden), step):
-            (hidden[start:start + step] @ teacher.head.T).sum()
+            apply_head(hidden[start:start + step], teacher.head, teacher.head_weight, teacher.head_bias).sum()
 
     out["forward_tok_s"] = tokens / best_of(forward_with_head, repeats)
     teacher.close()

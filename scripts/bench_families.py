@@ -26,17 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def best_of(fn, repeats: int) -> float:
-    """Fastest wall time of `repeats` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_capture import best_of  # noqa: E402  (a sibling script)
 
 
 def bytes_per_token(results, rows: list[np.ndarray], vocab: int, k: int, seq_len: int, root: Path) -> float:

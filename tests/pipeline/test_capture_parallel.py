@@ -27,7 +27,7 @@ def test_parallel_sizes_reach_the_vllm_engine_only():
     cfg = CaptureConfig(teacher="t", data=(DataSpec("code", "x"),), out="o", backend="vllm", tensor_parallel_size=4,
                         pipeline_parallel_size=2, vllm_output="logprobs")
     assert _engine_options(cfg) == {"gpu_memory_utilization": None, "tensor_parallel_size": 4,
-                                    "pipeline_parallel_size": 2, "output": "logprobs"}
+                                    "pipeline_parallel_size": 2, "output": "logprobs", "enforce_eager": False}
     assert _engine_options(CaptureConfig(teacher="t", data=cfg.data, out="o", backend="hf")) == {}
     # the same cache up to float rounding (the two vLLM outputs: test_capture_vllm)
-    assert {"tensor_parallel_size", "pipeline_parallel_size", "vllm_output"} <= set(RUNTIME_OPTIONS)
+    assert {"tensor_parallel_size", "pipeline_parallel_size", "vllm_output", "enforce_eager"} <= set(RUNTIME_OPTIONS)

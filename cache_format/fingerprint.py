@@ -6,20 +6,34 @@ import os
 from pathlib import Path
 
 
+NAMED_TOKENS = ("bos", "eos", "unk", "pad")
+
+
+def named_ids(tokenizer) -> dict:
+    """A transformers tokenizer's bos/eos/unk/pad ids (None: unset)."""
+    return {name: getattr(tokenizer, f"{name}_token_id", None) for name in NAMED_TOKENS}
+
+
+def tokenizer_json(tokenizer) -> str | None:
+    """A fast tokenizer's tokenizer.json text (`backend_tokenizer.to_str()`); None for a tokenizer without one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
+
+
+def bpe_merges(text: str | None) -> list[str]:
+    """The BPE merges of a tokenizer.json text as "a b" strings ([] for other models, or no text)."""
+    model = json.loads(text).get("model", {}) if text is not None else {}
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 hex of what decides the ids a tokenizer produces. Duck-typed on a transformers tokenizer, so this
     package needs no transformers import; the same tokenizer saved by another version or with another chat
     template has the same fingerprint."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    merges: list = []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        model = json.loads(backend.to_str()).get("model", {})
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     special = sorted({int(i) for i in getattr(tokenizer, "all_special_ids", [])})
-    named = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
-    payload = json.dumps({"vocab": vocab, "merges": merges, "special_ids": special, "named": named},
-                         ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps({"vocab": vocab, "merges": bpe_merges(tokenizer_json(tokenizer)), "special_ids": special,
+                          "named": named_ids(tokenizer)}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

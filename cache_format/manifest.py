@@ -1,6 +1,5 @@
 """The manifest: the contract between stages. Written last and atomically; a cache without it is incomplete."""
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -9,13 +8,12 @@ import pyarrow.fs as pafs
 
 from . import storage
 from .errors import CacheError
-from .fingerprint import tokenizer_fingerprint
+from .fingerprint import named_ids, tokenizer_fingerprint, tokenizer_json
 from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SPLITS
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "capture_config.json"      # beside the manifest: the capture's resolved options
 TOKENIZER_NAME = "tokenizer.json"        # beside the manifest: the teacher tokenizer (its fast serialisation)
-NAMED_TOKENS = ("bos", "eos", "unk", "pad")
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class TokenizerInfo:
         return cls(vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                    eos_id=int(tokenizer.eos_token_id),
                    file_sha256=storage.sha256(fs, path) if storage.size(fs, path) is not None else "",
-                   named_ids={name: getattr(tokenizer, f"{name}_token_id", None) for name in NAMED_TOKENS})
+                   named_ids=named_ids(tokenizer))
 
 
 @dataclass(frozen=True)
@@ -167,23 +165,14 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> str:
     return path
 
 
-def tokenizer_json(tokenizer) -> str | None:
-    """A fast tokenizer's tokenizer.json text (`backend_tokenizer.to_str()`); None for a tokenizer without one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend.to_str() if backend is not None else None
-
-
-def write_tokenizer(cache_dir: str | os.PathLike, tokenizer) -> str:
+def write_tokenizer(cache_dir: str | os.PathLike, tokenizer) -> None:
     """Write the teacher tokenizer as tokenizer.json at the cache root (atomically; a path or URL), so that a
-    student's tokenizer can be compared with it token by token where the teacher is not. Returns its sha256 (the
-    manifest's tokenizer.file_sha256), or "" and writes nothing for a tokenizer with no fast serialisation."""
+    student's tokenizer can be compared with it token by token where the teacher is not; nothing for a tokenizer
+    with no fast serialisation (TokenizerInfo.of then records no file)."""
     text = tokenizer_json(tokenizer)
-    if text is None:
-        return ""
-    data = text.encode()
-    fs, path = storage.resolve(storage.join(str(cache_dir), TOKENIZER_NAME))
-    storage.write_bytes(fs, path, data)
-    return hashlib.sha256(data).hexdigest()
+    if text is not None:
+        fs, path = storage.resolve(storage.join(str(cache_dir), TOKENIZER_NAME))
+        storage.write_bytes(fs, path, text.encode())
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> Manifest:

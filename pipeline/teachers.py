@@ -340,7 +340,7 @@ class VLLMTeacher:
         # capture's tokenizer thread runs while the engine starts: spawn its processes rather than fork them
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         config = read_model_config(path)
-        self.path, self.k = path, k
+        self.k = k
         self.head = output_head(path) if output != "logprobs" else None
         if output == "hidden" and self.head is None:
             raise KdcacheError(f"--vllm-output hidden: {config.get('architectures')} is not one of the architectures "
@@ -370,7 +370,7 @@ class VLLMTeacher:
         if probe:
             self._start("logprobs", enforce_eager=True)
             reference = self.topk(probe, k).rows()
-            self._stop()
+            self.close()
         self._start("hidden")
         if reference is not None:
             why = fast_path_disagreement(reference, self.topk(probe, k).rows(), self.dtype)
@@ -381,7 +381,7 @@ class VLLMTeacher:
             if why is not None:
                 log.warning("the hidden-states output disagrees with vLLM's log-probs on the first rows (%s): "
                             "capturing with --vllm-output logprobs", why)
-                self._stop()
+                self.close()
                 self._start("logprobs")
             else:
                 log.info("hidden-states output checked against vLLM's log-probs on %d positions",
@@ -451,15 +451,12 @@ class VLLMTeacher:
         return PendingRows(*topk_logprobs(lambda sl: apply_head(hidden[sl], self.head, weight, bias), next_ids,
                                           len(weight), k, keep=keep), lengths)
 
-    def _stop(self) -> None:
+    def close(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None:
             engine_core.shutdown()
         del self.llm
         gc.collect()
-
-    def close(self) -> None:
-        self._stop()
 
 
 def _flat_to_arrays(flat, T: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

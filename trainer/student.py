@@ -9,7 +9,6 @@ The student's output embedding may be padded beyond its tokenizer's vocabulary (
 151936-token tokenizer); callers keep all its logits.
 """
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,9 @@ from pathlib import Path
 import torch
 
 from cache_format import Cache, KdcacheError, Manifest, tokenizer_fingerprint, weights_fingerprint
+from cache_format.fingerprint import NAMED_TOKENS, bpe_merges, named_ids, tokenizer_json
 
 log = logging.getLogger("kdcache")
-NAMED = ("bos", "eos", "unk", "pad")
 
 
 def resolve_device(device=None) -> torch.device:
@@ -63,17 +62,10 @@ def _id_list(vocab: dict) -> list:
     return tokens
 
 
-def _merges(tokenizer_json: str) -> list:
-    model = json.loads(tokenizer_json).get("model", {})
-    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-
 def vocabulary(tokenizer) -> Vocabulary:
     """The Vocabulary of a transformers tokenizer (added tokens included)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return Vocabulary(tokens=_id_list(tokenizer.get_vocab()),
-                      merges=_merges(backend.to_str()) if backend is not None else [],
-                      named={name: getattr(tokenizer, f"{name}_token_id", None) for name in NAMED})
+    return Vocabulary(tokens=_id_list(tokenizer.get_vocab()), merges=bpe_merges(tokenizer_json(tokenizer)),
+                      named=named_ids(tokenizer))
 
 
 def vocabulary_from_json(text: str, named: dict) -> Vocabulary:
@@ -82,7 +74,7 @@ def vocabulary_from_json(text: str, named: dict) -> Vocabulary:
     from tokenizers import Tokenizer
 
     return Vocabulary(tokens=_id_list(Tokenizer.from_str(text).get_vocab(with_added_tokens=True)),
-                      merges=_merges(text), named=dict(named))
+                      merges=bpe_merges(text), named=dict(named))
 
 
 def compare_vocabularies(teacher: Vocabulary, student: Vocabulary) -> str | int:
@@ -109,7 +101,7 @@ def compare_vocabularies(teacher: Vocabulary, student: Vocabulary) -> str | int:
         sides = [f"{who} {m!r}" if m is not None else f"{who} none (it has {len(all_)} merges)"
                  for who, m, all_ in (("teacher", t, teacher.merges), ("student", s, student.merges))]
         return f"in its BPE merges at merge {j}: {sides[0]}, {sides[1]}"
-    for name in NAMED:
+    for name in NAMED_TOKENS:
         t = teacher.named.get(name)
         if t is not None and student.named.get(name) != t:
             return f"in its {name} id: teacher {t}, student {student.named.get(name)}"

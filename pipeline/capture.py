@@ -44,12 +44,15 @@ DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --k
 # vLLM's output path): a re-run may change them freely
 PROBE_ROWS, PROBE_TOKENS = 4, 128     # the rows on which vLLM's hidden-states output is checked (VLLMTeacher)
 RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output",
-                   "enforce_eager")
+                   "enforce_eager", "teacher_url", "max_concurrency", "request_timeout", "drop_server_after")
+# in-process engine options that a served teacher cannot take (its servers run with their own), with their defaults
+ENGINE_OPTIONS = {"dtype": "auto", "gpu_memory_utilization": None, "tensor_parallel_size": 1,
+                  "pipeline_parallel_size": 1, "vllm_output": "auto", "enforce_eager": False}
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    teacher: str
+    teacher: str | None                 # the teacher's model directory, or None with teacher_url
     data: tuple[DataSpec, ...]
     out: str
     backend: str | None = None          # None: vllm when it can run, else hf
@@ -79,9 +82,30 @@ class CaptureConfig:
     train_on: str = "assistant"         # conversations' trained tokens: assistant, last-assistant, all
     chat_template: str | None = None    # a Jinja file (or chat_template.json) instead of the tokenizer's
     packing: str | None = None          # concat or isolated; None: isolated when the corpus holds conversations
+    teacher_url: tuple[str, ...] = ()   # vLLM servers of the teacher, instead of --teacher (pipeline/served.py)
+    tokenizer: str | None = None        # with teacher_url: the teacher's tokenizer (a directory)
+    max_concurrency: int = 8            # teacher_url: requests in flight per server
+    request_timeout: float = 600.0      # teacher_url: seconds before a request counts as failed
+    drop_server_after: float = 60.0     # teacher_url: seconds of failed requests before a server is dropped
 
     def __post_init__(self):
+        served = bool(self.teacher_url)
         checks = [
+            (served or bool(self.teacher), "no teacher: give --teacher PATH, or --teacher-url URL with --tokenizer"),
+            (not (served and self.teacher), "give --teacher (a model directory) or --teacher-url (vLLM servers), "
+                                            "not both"),
+            (not served or bool(self.tokenizer), "--teacher-url needs --tokenizer PATH (the served teacher's "
+                                                 "tokenizer, checked against each server)"),
+            (not served or self.backend in (None, "vllm", "served"),
+             f"--backend {self.backend}: a served teacher is vLLM"),
+            (not served or self.targets == "topk", "--targets sampled needs the full distribution: use --teacher "
+                                                   "with --backend hf (a server returns only the top-k)"),
+            *[(not served or getattr(self, name) == default,
+               f"--{name.replace('_', '-')} sets up an in-process engine; a served teacher runs with its servers' "
+               f"own options") for name, default in ENGINE_OPTIONS.items()],
+            (self.max_concurrency >= 1, f"--max-concurrency must be >= 1, got {self.max_concurrency}"),
+            (self.request_timeout > 0, f"--request-timeout must be > 0, got {self.request_timeout}"),
+            (self.drop_server_after >= 0, f"--drop-server-after must be >= 0, got {self.drop_server_after}"),
             (self.top_k > 0, f"--top-k must be > 0, got {self.top_k}"),
             (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
             (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
@@ -144,6 +168,21 @@ class CaptureConfig:
         return max(1, min(self.rows_per_shard, 65536 // self.seq_len))
 
 
+@dataclass(frozen=True)
+class TeacherSource:
+    """Who the teacher is (the manifest's path, name and fingerprint; the vocabulary its ids come from) and, for a
+    teacher behind servers, the checked fleet that runs it."""
+    path: str
+    name: str
+    fingerprint: str
+    vocab_size: int
+    fleet: object | None = None          # a ServedTeacher
+
+    def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
+
+
 def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     """Capture (or resume) the cache cfg.out; returns its path. `stats`, when given, receives this run's
     {"tokens", "seconds", "engine_start_s"}: the tokens sent through the teacher, their wall time end to end
@@ -151,8 +190,15 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     local staging directory (resumable there), then uploaded shard by shard, each read back, manifest last."""
     if "://" in cfg.out:
         return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
-    cfg, tokenizer, vocab, reading = _resolve(cfg)
-    out, identity = Path(cfg.out), _identity(cfg, tokenizer, reading)
+    cfg, tokenizer, source, reading = _resolve(cfg)
+    try:
+        return _capture(cfg, tokenizer, source, reading, stats)
+    finally:
+        source.close()
+
+
+def _capture(cfg: CaptureConfig, tokenizer, source: TeacherSource, reading: Reading, stats: dict | None) -> Path:
+    out, identity = Path(cfg.out), _identity(cfg, tokenizer, reading, source)
     if _check_identity(out, identity):
         log.info("%s is already complete (same options): nothing to do", out)
         return out
@@ -160,7 +206,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     out.mkdir(parents=True, exist_ok=True)
     storage.write_json(out / CONFIG_NAME, identity)
     write_tokenizer(out, tokenizer)                        # the teacher's tokenizer.json, beside the manifest
-    codec = cfg.make_codec(max(vocab, len(tokenizer)))     # ids the teacher can return
+    codec = cfg.make_codec(max(source.vocab_size, len(tokenizer)))     # ids the teacher can return
     R, mine = cfg.rows_per_shard, _owner(cfg)
     shards: dict[tuple[str, str], list[ShardInfo]] = {s: [] for s in _streams(cfg)}
     plan = {f"{split}/{domain}": 0 for split, domain in _streams(cfg)}     # shards per stream, all workers
@@ -179,7 +225,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
             info = _finished_shard(out, rel)
             if info is None:
                 if teacher is None:
-                    teacher, engine_seconds = _start_engine(cfg, out, rows)
+                    teacher, engine_seconds = _start_engine(cfg, out, rows, source)
                     bar.reset(total=total)                     # rates from here on, engine start excluded
                 info = _capture_shard(out, rel, rows, j * R, domain, teacher, cfg, codec, bar)
                 teacher_tokens += info.tokens
@@ -199,7 +245,7 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
         if stats is not None:
             stats.update(tokens=teacher_tokens, seconds=seconds, engine_start_s=engine_seconds)
     _log_skipped(corpus)
-    manifest = _manifest(cfg, out, tokenizer, codec, identity, shards, plan)
+    manifest = _manifest(cfg, out, tokenizer, codec, identity, shards, plan, source)
     write_manifest(out, manifest)
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     domains = [d for ds in manifest.splits.values() for d in ds.values()]
@@ -219,10 +265,11 @@ def plan_capture(cfg: CaptureConfig) -> dict:
     """--dry-run: check every input as run_capture does and tokenize the corpus, but start no engine and write
     nothing; the plan: per domain the rows, tokens and shards of each split, the shards this worker would run, the
     cache's size bound and what the engine needs."""
-    cfg, tokenizer, vocab, reading = _resolve(cfg)
+    cfg, tokenizer, source, reading = _resolve(cfg)
+    source.close()                                  # a served teacher was checked; no request goes further
     out = Path(cfg.out) if "://" not in cfg.out else None
     state = "new"
-    if out is not None and _check_identity(out, _identity(cfg, tokenizer, reading)):
+    if out is not None and _check_identity(out, _identity(cfg, tokenizer, reading, source)):
         state = "complete (nothing to do)"
     elif out is not None and (out / CONFIG_NAME).exists():
         state = "a capture with the same options: resumes"
@@ -244,11 +291,13 @@ def plan_capture(cfg: CaptureConfig) -> dict:
     tokens = sum(d["tokens"] for d in domains.values())
     return {
         "out": f"{cfg.out} ({state})",
-        "teacher": f"{cfg.teacher} (vocab {vocab})",
+        "teacher": f"{source.path} ({source.name}, vocab {source.vocab_size})",
         "teacher weights bytes": sum(f.stat().st_size for f in Path(cfg.teacher).glob("*")
-                                     if f.suffix in (".safetensors", ".bin")),
-        "engine": cfg.backend + (f", reserves {cfg.gpu_memory_utilization or 'the default share of'} GPU memory "
-                                 f"(host RAM on CPU)" if cfg.backend == "vllm" else f", dtype {cfg.dtype}"),
+                                     if f.suffix in (".safetensors", ".bin")) if cfg.teacher else None,
+        "engine": {"vllm": f"vllm, reserves {cfg.gpu_memory_utilization or 'the default share of'} GPU memory "
+                           f"(host RAM on CPU)",
+                   "served": f"{len(cfg.teacher_url)} vLLM server(s), up to {cfg.max_concurrency} requests each"
+                   }.get(cfg.backend, f"{cfg.backend}, dtype {cfg.dtype}"),
         "codec": f"{cfg.codec}, k {cfg.width}, seq_len {cfg.seq_len}, {R} rows per shard",
         "records": f"--format {cfg.format}, --train-on {cfg.train_on}, packing {cfg.packing}",
         "domains": domains,
@@ -260,19 +309,23 @@ def plan_capture(cfg: CaptureConfig) -> dict:
     }
 
 
-def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int, Reading]:
-    """(cfg with its backend and packing resolved, the teacher's tokenizer, its vocab size, how records are read)
-    after checking the teacher, the data paths and the options that depend on the model; KdcacheError before any
-    work otherwise."""
+def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, TeacherSource, Reading]:
+    """(cfg with its backend and packing resolved, the teacher's tokenizer, the teacher, how records are read)
+    after checking the teacher (or each of its servers), the data paths and the options that depend on the model;
+    KdcacheError before any work otherwise."""
     out = Path(cfg.out)
     if "://" not in cfg.out and out.exists() and not out.is_dir():
         raise KdcacheError(f"--out {out}: exists and is not a directory")
-    from .teachers import check_teacher, read_model_config, resolve_backend
-    model_config = read_model_config(cfg.teacher)
+    from .teachers import check_teacher, model_name, read_model_config, resolve_backend
+    model_config = read_model_config(cfg.teacher) if cfg.teacher else {}
     for spec in cfg.data:                                                   # bad data paths fail before any work
         resolve_files(spec)
     template = load_template(cfg.chat_template) if cfg.chat_template else None
     packing = cfg.packing or ("isolated" if holds_conversations(cfg.data, cfg.text_field, cfg.format) else "concat")
+    reading = Reading(cfg.format, cfg.train_on, template, packing)
+    if cfg.teacher_url:
+        tokenizer = _load_tokenizer(cfg.tokenizer, "--tokenizer")
+        return replace(cfg, backend="served", packing=packing), tokenizer, _served_source(cfg, tokenizer), reading
     tokenizer = _load_tokenizer(cfg.teacher)
     vocab = int(model_config["vocab_size"])
     if cfg.top_k > vocab:
@@ -286,14 +339,30 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, int, Reading]:
     if cfg.backend != "vllm" and cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         raise KdcacheError(f"--tensor-parallel-size {cfg.tensor_parallel_size} / --pipeline-parallel-size "
                            f"{cfg.pipeline_parallel_size}: model parallelism needs --backend vllm (got {cfg.backend})")
-    return cfg, tokenizer, vocab, Reading(cfg.format, cfg.train_on, template, packing)
+    source = TeacherSource(path=str(Path(cfg.teacher).resolve()), name=model_name(cfg.teacher),
+                           fingerprint=weights_fingerprint(cfg.teacher), vocab_size=vocab)
+    return cfg, tokenizer, source, reading
 
 
-def _identity(cfg: CaptureConfig, tokenizer, reading: Reading) -> dict:
-    """What decides the cache's bytes: the options (less RUNTIME_OPTIONS), the teacher's weights, the data files,
-    and the chat template that renders conversations (its sha256; None when there is none)."""
+def _served_source(cfg: CaptureConfig, tokenizer) -> TeacherSource:
+    """The teacher behind cfg.teacher_url, every server checked (pipeline/served.py); its fingerprint is that of
+    its top-k on a fixed probe."""
+    from .served import ServedTeacher
+    fleet = ServedTeacher(cfg.teacher_url, tokenizer, cfg.top_k, cfg.seq_len, cfg.max_concurrency,
+                          cfg.request_timeout, cfg.drop_server_after)
+    if cfg.top_k > fleet.vocab_size:
+        fleet.close()
+        raise KdcacheError(f"--top-k {cfg.top_k} is above the served teacher's vocabulary size {fleet.vocab_size}")
+    return TeacherSource(path=" ".join(s.url for s in fleet.servers), name=fleet.name, fingerprint=fleet.fingerprint,
+                         vocab_size=fleet.vocab_size, fleet=fleet)
+
+
+def _identity(cfg: CaptureConfig, tokenizer, reading: Reading, source: TeacherSource) -> dict:
+    """What decides the cache's bytes: the options (less RUNTIME_OPTIONS), the teacher (its weights, or for a
+    served teacher its top-k on a probe), the data files, and the chat template that renders conversations (its
+    sha256; None when there is none)."""
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
-    identity["teacher_fingerprint"] = weights_fingerprint(cfg.teacher)
+    identity["teacher_fingerprint"] = source.fingerprint
     identity["data_fingerprint"] = {spec.domain: files_fingerprint(resolve_files(spec)) for spec in cfg.data}
     try:
         identity["chat_template_fingerprint"] = template_fingerprint(resolve_template(tokenizer, reading.template, ""))
@@ -336,17 +405,18 @@ def _shard_rows(cfg: CaptureConfig, tokenizer, reading: Reading,
                 yield split, spec.domain, done[split] // R, pending[split]
 
 
-def _start_engine(cfg: CaptureConfig, out: Path, rows: list[Row]):
+def _start_engine(cfg: CaptureConfig, out: Path, rows: list[Row], source: TeacherSource):
     """(the started teacher engine, seconds its start took); its name, version and dtype are recorded in
     .progress/ so that a resumed run that starts none still knows them. vLLM checks its fast path on the first
-    document (at most PROBE_TOKENS tokens) of the first PROBE_ROWS rows."""
+    document (at most PROBE_TOKENS tokens) of the first PROBE_ROWS rows. A served teacher's fleet was checked
+    by _resolve and starts nothing."""
     from .teachers import load_teacher
     t0 = time.perf_counter()
     options = _engine_options(cfg)
     if cfg.backend == "vllm":
         firsts = [r.input_ids[: r.doc_lengths[0] if r.doc_lengths else len(r)][:PROBE_TOKENS] for r in rows]
         options["probe"] = [ids for ids in firsts if len(ids) > 1][:PROBE_ROWS]
-    teacher = load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype, **options)
+    teacher = source.fleet or load_teacher(cfg.teacher, cfg.backend, cfg.top_k, cfg.seq_len, cfg.dtype, **options)
     storage.write_json(out / PROGRESS_DIR / "engine.json",
                        {"name": teacher.engine, "version": teacher.engine_version, "dtype": teacher.dtype,
                         "output": getattr(teacher, "output", "")})
@@ -354,8 +424,7 @@ def _start_engine(cfg: CaptureConfig, out: Path, rows: list[Row]):
 
 
 def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
-              shards: dict[tuple[str, str], list[ShardInfo]], plan: dict[str, int]) -> Manifest:
-    from .teachers import model_name
+              shards: dict[tuple[str, str], list[ShardInfo]], plan: dict[str, int], source: TeacherSource) -> Manifest:
     splits = {split: {} for split in ("train", "val")}
     for (split, domain), infos in shards.items():
         splits[split][domain] = DomainInfo(rows=sum(s.rows for s in infos), tokens=sum(s.tokens for s in infos),
@@ -365,7 +434,7 @@ def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
     engine = json.loads(engine_path.read_text()) if engine_path.exists() else \
         {"name": cfg.backend, "version": "", "dtype": cfg.dtype}
     return Manifest(
-        teacher=TeacherInfo(path=str(Path(cfg.teacher).resolve()), name=model_name(cfg.teacher),
+        teacher=TeacherInfo(path=source.path, name=source.name,
                             fingerprint=identity["teacher_fingerprint"], engine=engine["name"],
                             engine_version=engine["version"], logprobs_mode="raw_logprobs", dtype=engine["dtype"],
                             output=engine.get("output", "")),
@@ -394,6 +463,8 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
         bar.update(sum(len(r) for r in batch))
 
     try:
+        # batches that may wait for the writer: enough to keep a served teacher's fleet busy
+        ahead = max(WRITE_AHEAD, -(-getattr(teacher, "concurrency", 0) // cfg.batch_size))
         with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as pool:
             waiting: deque[Future] = deque()
             for b in range(0, len(rows), cfg.batch_size):
@@ -406,7 +477,7 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
                 else:
                     results = teacher.topk(tokens, cfg.top_k, docs, [r.supervised for r in batch])
                 waiting.append(pool.submit(write, first_row + b, batch, results))
-                while waiting and (len(waiting) > WRITE_AHEAD or waiting[0].done()):
+                while waiting and (len(waiting) > ahead or waiting[0].done()):
                     waiting.popleft().result()                         # re-raises a writer error here
             for f in waiting:
                 f.result()
@@ -483,14 +554,14 @@ def _check_identity(out: Path, identity: dict) -> bool:
     return (out / MANIFEST_NAME).exists()
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, option: str = "--teacher"):
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise KdcacheError(f"--teacher {path}: cannot load its tokenizer ({e})") from None
+        raise KdcacheError(f"{option} {path}: cannot load its tokenizer ({e})") from None
     if tokenizer.eos_token_id is None:
-        raise KdcacheError(f"--teacher {path}: tokenizer has no eos token (needed to join documents)")
+        raise KdcacheError(f"{option} {path}: tokenizer has no eos token (needed to join documents)")
     return tokenizer
 
 

@@ -57,6 +57,14 @@ _capture = functools.partial(config_option, CaptureConfig)     # an option whose
 
 @cli.command()
 @_capture("teacher", str, "HF model directory of the teacher.")
+@_capture("teacher_url", str, "Instead of --teacher: a vLLM server of the teacher (repeatable: a fleet; "
+          "python -m vllm.entrypoints.openai.api_server, --enable-scale-out for the faster token endpoint).",
+          multiple=True)
+@_capture("tokenizer", str, "With --teacher-url: the teacher's tokenizer directory (checked against each server).")
+@_capture("max_concurrency", int, "With --teacher-url: requests in flight per server.")
+@_capture("request_timeout", float, "With --teacher-url: seconds before a request counts as failed (then retried).")
+@_capture("drop_server_after", float, "With --teacher-url: seconds of failed requests after which a server is "
+          "dropped (the others go on).")
 @click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
               help="Domain-tagged corpus: a file, directory or glob of .jsonl/.json/.parquet/.txt (also .jsonl.zst, "
                    ".jsonl.gz, a datasets save_to_disk dir). Repeatable.")
@@ -117,8 +125,10 @@ def capture(ctx: click.Context, config_path: str | None, dry_run: bool, data: tu
     from_file = merge_config_file(ctx, config_path, options, extra=("data",))
     if not specs and "data" in from_file:
         specs = load_mixture(config_path, from_file)
-    require(options, "teacher", "out")
-    cfg = CaptureConfig(data=tuple(specs), **options)
+    if not options["teacher"] and not options["teacher_url"]:
+        raise click.UsageError("Missing option '--teacher' (or --teacher-url URL with --tokenizer PATH).")
+    require(options, "out")
+    cfg = CaptureConfig(data=tuple(specs), **{**options, "teacher_url": tuple(options["teacher_url"] or ())})
     if dry_run:
         click.echo(_format_plan(plan_capture(cfg)))
         return

@@ -40,7 +40,7 @@ def vllm_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _with_last_position(ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray) -> TopkRow:
+def with_last_position(ids: np.ndarray, logprobs: np.ndarray, target: np.ndarray) -> TopkRow:
     """Arrays for positions 0..T-2 -> a row's arrays with the last position (no distribution) appended."""
     k = ids.shape[1]
     return (np.concatenate([ids.astype(np.int32), np.zeros((1, k), np.int32)]),                  # (T, K)
@@ -70,7 +70,7 @@ class PendingRows:
             self._event.synchronize()
         ids, logprobs, target = (np.asarray(a) for a in self._arrays)
         bounds = np.cumsum([n - 1 for n in self.lengths])[:-1]
-        return [_with_last_position(*parts) for parts in
+        return [with_last_position(*parts) for parts in
                 zip(np.split(ids, bounds), np.split(logprobs, bounds), np.split(target, bounds))]
 
 
@@ -215,7 +215,17 @@ def _keep(supervised: list | None) -> torch.Tensor | None:
     return None if keep.all() else torch.from_numpy(keep)
 
 
-class _Joined:
+def split_documents(rows: list[np.ndarray], doc_lengths: list, supervised: list | None = None
+                    ) -> tuple[list[np.ndarray], list | None, list[int]]:
+    """Rows -> their documents (vLLM runs each as one prompt), the documents' supervised masks (None: all), and
+    the number of documents in each row (doc_lengths[i] None: row i is one document)."""
+    cut = lambda a, d: np.split(a, np.cumsum(d)[:-1]) if d is not None else [a]   # noqa: E731
+    docs = [piece for r, d in zip(rows, doc_lengths) for piece in cut(r, d)]
+    masks = None if supervised is None else [m for s, d in zip(supervised, doc_lengths) for m in cut(s, d)]
+    return docs, masks, [len(d) if d is not None else 1 for d in doc_lengths]
+
+
+class Joined:
     """Results per document joined back into rows of `counts[i]` documents each."""
 
     def __init__(self, results, counts: list[int]):
@@ -411,14 +421,11 @@ class VLLMTeacher:
                 self.head_bias = self.head_bias.to(device, model_config.dtype)                     # (V,)
 
     def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None,
-             supervised: list | None = None) -> "PendingRows | _Later | _Joined":
+             supervised: list | None = None) -> "PendingRows | _Later | Joined":
         """supervised (per row (T,) bool, None: all): the hidden output runs the head only at those positions."""
         if doc_lengths is not None and any(d is not None for d in doc_lengths):   # one prompt per document
-            cut = lambda a, d: np.split(a, np.cumsum(d)[:-1]) if d is not None else [a]   # noqa: E731
-            docs = [piece for r, d in zip(rows, doc_lengths) for piece in cut(r, d)]
-            masks = None if supervised is None else [m for s, d in zip(supervised, doc_lengths) for m in cut(s, d)]
-            return _Joined(self.topk(docs, k, supervised=masks),
-                           [len(d) if d is not None else 1 for d in doc_lengths])
+            docs, masks, counts = split_documents(rows, doc_lengths, supervised)
+            return Joined(self.topk(docs, k, supervised=masks), counts)
         lengths = [len(r) for r in rows]
         if self.output == "hidden":
             hidden, next_ids = self.hidden_states(rows)

@@ -92,6 +92,10 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def pause(self, paused: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the server and its engine: it accepts connections and never answers."""
+        os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL to the server and its engine process (a crash, not a shutdown)."""
         if self.alive():

@@ -153,6 +153,23 @@ def run_until_shards(args, out, shards: int) -> subprocess.Popen:
     return proc
 
 
+def test_a_stalled_server_times_out_and_the_other_takes_its_requests(
+        fleet, served_cache, tiny_models, corpus, tmp_path):  # noqa: F811
+    a, b = fleet("a", "b")
+    out = tmp_path / "cache"
+    proc = run_until_shards(served_args(tiny_models, corpus, out, [a.url, b.url], "--batch-size", 1,
+                                        "--max-concurrency", 1, "--request-timeout", 1, "--drop-server-after", 2),
+                            out, 2)
+    b.pause()
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        b.pause(False)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"--teacher-url {b.url}: dropped after failing" in err and "ReadTimeout" in err, err[-3000:]
+    assert shard_digests(out) == shard_digests(served_cache)
+
+
 def test_a_server_killed_mid_capture_leaves_the_work_to_the_other(
         fleet, served_cache, tiny_models, corpus, tmp_path):  # noqa: F811
     a, b = fleet("a", "b")

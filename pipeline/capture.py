@@ -292,8 +292,8 @@ def plan_capture(cfg: CaptureConfig) -> dict:
     return {
         "out": f"{cfg.out} ({state})",
         "teacher": f"{source.path} ({source.name}, vocab {source.vocab_size})",
-        "teacher weights bytes": sum(f.stat().st_size for f in Path(cfg.teacher).glob("*")
-                                     if f.suffix in (".safetensors", ".bin")) if cfg.teacher else None,
+        **({"teacher weights bytes": sum(f.stat().st_size for f in Path(cfg.teacher).glob("*")
+                                         if f.suffix in (".safetensors", ".bin"))} if cfg.teacher else {}),
         "engine": {"vllm": f"vllm, reserves {cfg.gpu_memory_utilization or 'the default share of'} GPU memory "
                            f"(host RAM on CPU)",
                    "served": f"{len(cfg.teacher_url)} vLLM server(s), up to {cfg.max_concurrency} requests each"

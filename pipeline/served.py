@@ -139,8 +139,8 @@ class ServedTeacher:
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
         key = os.environ.get("VLLM_API_KEY")                   # the servers' --api-key (vLLM reads the same variable)
         headers = {"authorization": f"Bearer {key}"} if key else {}
-        servers = [Server(u.rstrip("/"), httpx.Client(base_url=u.rstrip("/"), timeout=timeout, limits=limits,
-                                                      headers=headers)) for u in urls]
+        bases = [u.rstrip("/").removesuffix("/v1") for u in urls]   # an OpenAI base URL (.../v1) names the server too
+        servers = [Server(b, httpx.Client(base_url=b, timeout=timeout, limits=limits, headers=headers)) for b in bases]
         probe = np.asarray(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)[:PROBE_TOKENS], np.int64)
         self.servers, reference = [], None
         try:
@@ -152,8 +152,9 @@ class ServedTeacher:
                     server.client.close()
                     continue
                 except (httpx.HTTPStatusError, ValueError, KeyError, IndexError) as e:
+                    why = str(e).splitlines()[0]
                     raise KdcacheError(f"--teacher-url {server.url}: not a vLLM OpenAI-compatible server of a model "
-                                       f"({type(e).__name__}: {e})") from None
+                                       f"({type(e).__name__}: {why})") from None
                 if reference is None:
                     reference, self.vocab_size = (row, server.vocab_size), server.vocab_size
                 else:
@@ -188,7 +189,9 @@ class ServedTeacher:
         server.model, server.version = model["id"], server.get("/version")["version"]
         if model.get("max_model_len") and model["max_model_len"] < seq_len + 1:
             raise KdcacheError(f"--teacher-url {server.url}: the server's max_model_len is {model['max_model_len']}, "
-                               f"--seq-len {seq_len} needs {seq_len + 1} (a row and the one token generated)")
+                               f"--seq-len {seq_len} needs {seq_len + 1} (a row and the one token generated; above "
+                               f"the model's max_position_embeddings vLLM wants VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, safe "
+                               f"here: that token is never fed back)")
         for text, special in ((PROBE_TEXT, False), (PROBE_TEXT, True), (tokenizer.eos_token, False)):
             r = server.post("/tokenize", {"model": server.model, "prompt": text, "add_special_tokens": special})
             if not r.is_success:

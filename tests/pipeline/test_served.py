@@ -40,3 +40,23 @@ def test_parse_puts_entries_in_rank_order_and_finds_the_actual_token(endpoint):
 def test_parse_refuses_a_layout_it_does_not_know(positions):
     with pytest.raises(RuntimeError, match="unexpected prompt_logprobs layout"):
         parse_prompt_logprobs(GENERATE, answer(GENERATE, positions), np.array([5, 7]), 3)
+
+
+def test_a_url_that_is_not_a_vllm_server_is_refused_in_one_line(tmp_path):
+    import http.server
+    import threading
+
+    from cache_format import KdcacheError
+    from pipeline.served import ServedTeacher
+    from tests.helpers import build_tokenizer
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)   # 404s
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with pytest.raises(KdcacheError) as e:
+            ServedTeacher((url + "/v1",), build_tokenizer(tmp_path / "tok"), 8, 64)      # an OpenAI base URL
+    finally:
+        httpd.shutdown()
+    assert str(e.value).startswith(f"--teacher-url {url}: not a vLLM OpenAI-compatible server of a model "
+                                   "(HTTPStatusError: Client error '404") and "\n" not in str(e.value)

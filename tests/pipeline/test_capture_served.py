@@ -112,18 +112,22 @@ def test_two_servers_give_the_same_cache_as_one(fleet, served_cache, tiny_models
     assert shard_digests(tmp_path / "cache") == shard_digests(served_cache)
 
 
-def test_a_server_of_another_teacher_or_tokenizer_is_refused(fleet, tiny_models, corpus, tmp_path):  # noqa: F811
-    a, other = fleet("a", "other")
+def test_a_server_of_another_teacher_or_tokenizer_is_refused(
+        fleet, served_cache, tiny_models, corpus, tmp_path):  # noqa: F811
+    a, b, other = fleet("a", "b", "other")
     code, last = run_cli(*served_args(tiny_models, corpus, tmp_path / "c1", [a.url, other.url]))
     assert code == 1 and last.startswith(f"Error: --teacher-url {other.url} (") and "does not serve the teacher of" \
         in last, last
     assert not (tmp_path / "c1").exists()
-    # the same through workers: a part captured from another teacher cannot be merged
-    for i, url in enumerate((a.url, other.url)):
-        code, last = run_cli(*served_args(tiny_models, corpus, tmp_path / f"p{i}", [url], "--num-workers", 2,
+    # workers on different servers of the teacher merge into the one-worker cache; a part captured from another
+    # teacher cannot be merged
+    for part, i, url in (("p0", 0, a.url), ("p1", 1, b.url), ("p1-other", 1, other.url)):
+        code, last = run_cli(*served_args(tiny_models, corpus, tmp_path / part, [url], "--num-workers", 2,
                                           "--worker-index", i))
         assert code == 0, last
     code, last = run_cli("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged")
+    assert code == 0 and shard_digests(tmp_path / "merged") == shard_digests(served_cache), last
+    code, last = run_cli("merge", tmp_path / "p0", tmp_path / "p1-other", "--out", tmp_path / "merged-other")
     assert code == 1 and "teacher_fingerprint" in last, last
     # a tokenizer that is not the server's
     tok = tmp_path / "tok300"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
                           SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, files_fingerprint, publish, storage,
@@ -192,7 +193,8 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
         return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
     cfg, tokenizer, source, reading = _resolve(cfg)
     try:
-        return _capture(cfg, tokenizer, source, reading, stats)
+        with logging_redirect_tqdm():             # log lines (a server dropped...) above the progress bar, not in it
+            return _capture(cfg, tokenizer, source, reading, stats)
     finally:
         source.close()
 

@@ -305,8 +305,7 @@ class ServedTeacher:
             self._lock.notify_all()
 
     def close(self) -> None:
-        if hasattr(self, "_pool"):
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for server in self.servers:
             server.client.close()
 

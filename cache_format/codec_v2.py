@@ -16,7 +16,7 @@ lp_j = -depth_j - log(sum_j exp(-depth_j) + exp(r_tail)). A row group decodes at
 """
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +69,20 @@ def depth_codes(lp: np.ndarray) -> np.ndarray:
     return np.where(valid, np.minimum(np.rint(SQRT_SCALE * np.sqrt(np.maximum(depth, 0.0))), 255), 255).astype(np.int64)
 
 
+def truncation_bound(lp: np.ndarray, vocab_size: int) -> float:
+    """Mean over a row's positions with a full top-K (lp (T, K) sorted, -inf = none) of U_K = t_K log((V-K)
+    min(p_K / t_K, 1)): the largest KL(p || p_K) that the top-K allows (its tail packed into entries of p_K).
+    0.0 when no position has K entries."""
+    K = lp.shape[1]
+    full = np.isfinite(lp[:, -1])                                              # (T,)
+    if not full.any():
+        return 0.0
+    p = np.exp(lp[full].astype(np.float64))                                    # (T', K)
+    t_K = np.clip(1.0 - p.sum(1), 0.0, None)                                   # (T',)
+    ratio = np.minimum(p[:, -1] / np.maximum(t_K, 1e-300), 1.0)
+    return float(np.where(t_K > 0, t_K * np.log(np.maximum((vocab_size - K) * ratio, 1.0)), 0.0).mean())
+
+
 def keep_counts(lp: np.ndarray, vocab_size: int, top_p: float | None, kl_budget: float | None,
                 kl_scale: float | None = None) -> np.ndarray:
     """Entries to keep per position, (T,), from one row's sorted log-probs lp (T, K) (-inf = none).
@@ -91,10 +105,7 @@ def keep_counts(lp: np.ndarray, vocab_size: int, top_p: float | None, kl_budget:
         reach = np.cumsum(p, 1) >= top_p                                      # (T, K)
         k = np.minimum(k, np.where(reach.any(1), reach.argmax(1) + 1, K))
     if kl_scale is not None and valid[:, -1].any():
-        t_K = np.clip(1.0 - p[:, -1:].sum(1) - p[:, :-1].sum(1), 0.0, None)[valid[:, -1]]   # (T',) full rows
-        ratio = np.minimum(p[valid[:, -1], -1] / np.maximum(t_K, 1e-300), 1.0)
-        u = np.where(t_K > 0, t_K * np.log(np.maximum((vocab_size - K) * ratio, 1.0)), 0.0)  # (T',) U_K
-        kl_budget = max(kl_budget or 0.0, kl_scale * float(u.mean()))      # rules combined: the smallest k
+        kl_budget = max(kl_budget or 0.0, kl_scale * truncation_bound(lp, vocab_size))   # rules combined: smallest k
     if kl_budget is not None:
         plogp = np.where(p > 0, p * np.where(valid, lp, 0.0), 0.0)            # (T, K)
         rest = plogp.sum(1, keepdims=True) - np.cumsum(plogp, 1)             # (T, K) sum_{k<i<=K}, k = 1..K
@@ -121,6 +132,7 @@ class TopkV2:
     kl_scale: float | None = None
     samples: int = 0
     name: str = "topk-v2"
+    zstd_level: ClassVar[int] = 3           # Parquet's zstd level for its shards
 
     def __post_init__(self):
         if self.targets not in ("topk", "sampled"):

@@ -17,12 +17,13 @@ whose positions restart at 0 (`position_ids`).
 """
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .codec_v2 import TopkV2
+from .codec_v3 import TopkV3
 from .errors import CacheError
 
 FORMAT_NAME = "kdcache"
@@ -32,7 +33,7 @@ PACKINGS = ("concat", "isolated")   # documents joined into one stream / kept ap
 DOC_LENGTHS = "doc_lengths"
 
 
-def shard_schema(codec: "TopkV1 | TopkV2", packing: str) -> pa.Schema:
+def shard_schema(codec: "TopkV1 | TopkV2 | TopkV3", packing: str) -> pa.Schema:
     """The Parquet schema of a cache's shards: the codec's columns, plus `doc_lengths` for isolated packing."""
     if packing == "isolated":
         return codec.arrow_schema.append(pa.field(DOC_LENGTHS, pa.list_(pa.int32())))
@@ -61,6 +62,7 @@ class TopkV1:
 
     top_k: int
     name: str = "topk-v1"
+    zstd_level: ClassVar[int] = 3
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -130,14 +132,15 @@ class TopkV1:
             }
 
 
-def codec_from_params(params: dict, top_k: int) -> "TopkV1 | TopkV2":
+def codec_from_params(params: dict, top_k: int) -> "TopkV1 | TopkV2 | TopkV3":
     """The codec a manifest names; an unknown name or bad parameters are a clear CacheError."""
     name = params.get("name")
     if name == "topk-v1":
         return TopkV1(top_k=top_k)
-    if name == "topk-v2":
+    if name in ("topk-v2", "topk-v3"):
         try:
-            return TopkV2(top_k=top_k, **{k: v for k, v in params.items() if k != "name"})
+            return (TopkV2 if name == "topk-v2" else TopkV3)(top_k=top_k, **{k: v for k, v in params.items()
+                                                                            if k != "name"})
         except TypeError as e:
-            raise CacheError(f"codec topk-v2: bad parameters {params} ({e})") from None
-    raise CacheError(f"unknown codec {name!r} (this kdcache reads: topk-v1, topk-v2)")
+            raise CacheError(f"codec {name}: bad parameters {params} ({e})") from None
+    raise CacheError(f"unknown codec {name!r} (this kdcache reads: topk-v1, topk-v2, topk-v3)")

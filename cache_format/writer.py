@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .manifest import ShardInfo
-from .schema import DOC_LENGTHS, TopkV1, TopkV2, shard_schema, supervised_positions
+from .schema import DOC_LENGTHS, TopkV1, TopkV2, TopkV3, shard_schema, supervised_positions
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -25,11 +25,12 @@ class ShardWriter:
 
     The file appears under its final name only after `close()`: a crash leaves at most a `*.tmp` file, which the
     next run overwrites. `close()` returns the ShardInfo (rows, tokens, supervised, bytes, sha256) for the manifest.
-    packing "isolated": every row also gives `doc_lengths`, the lengths of its documents.
+    packing "isolated": every row also gives `doc_lengths`, the lengths of its documents. compression_level: zstd's,
+    by default the codec's (`zstd_level`).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, rel_path: str, codec: TopkV1 | TopkV2, row_group_rows: int = 64,
-                 compression_level: int = 3, packing: str = "concat"):
+    def __init__(self, cache_dir: str | os.PathLike, rel_path: str, codec: TopkV1 | TopkV2 | TopkV3,
+                 row_group_rows: int = 64, compression_level: int | None = None, packing: str = "concat"):
         self.cache_dir = Path(cache_dir)
         self.rel_path = rel_path
         self.codec = codec
@@ -39,7 +40,8 @@ class ShardWriter:
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = pq.ParquetWriter(self.tmp_path, shard_schema(codec, packing), compression="zstd",
-                                        compression_level=compression_level, write_statistics=False)
+                                        compression_level=compression_level or codec.zstd_level,
+                                        write_statistics=False)
         self._pending: list[dict] = []
         self.rows = 0
         self.tokens = 0

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
-                          SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, files_fingerprint, publish, storage,
-                          weights_fingerprint, write_manifest, write_tokenizer)
+                          SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, TopkV3, files_fingerprint, publish,
+                          storage, weights_fingerprint, write_manifest, write_tokenizer)
 
 from . import __version__
 from .chat import load_template, resolve_template, template_fingerprint
@@ -40,7 +40,7 @@ log = logging.getLogger("kdcache")
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
 WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
-DEFAULT_KL_SCALE = 0.015    # topk-v2's rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
+DEFAULT_KL_SCALE = 0.015    # v2/v3 rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
 # options that change how the engine runs, not what the cache holds (at most float rounding: model parallelism,
 # vLLM's output path): a re-run may change them freely
 PROBE_ROWS, PROBE_TOKENS = 4, 128     # the rows on which vLLM's hidden-states output is checked (VLLMTeacher)
@@ -58,7 +58,8 @@ class CaptureConfig:
     out: str
     backend: str | None = None          # None: vllm when it can run, else hf
     top_k: int = 64                     # the cap on entries per position (topk targets)
-    codec: str = "v2"                   # "v2": topk-v2 (quantised, adaptive k); "v1": topk-v1 (int32 + float32)
+    codec: str = "v2"                   # "v2": topk-v2 (quantised, adaptive k); "v3": topk-v3 (sorted ids, shared
+                                        # codes for the flat part); "v1": topk-v1 (int32 + float32)
     top_p: float | None = None          # v2 rule: keep the smallest prefix with this mass
     kl_budget: float | None = None      # v2 rule: extra KL (nats) allowed per position
     kl_scale: float | None = None       # v2 rule: the same, kl_scale x the row's truncation-KL bound; the default
@@ -122,7 +123,7 @@ class CaptureConfig:
              f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}"),
             (len(self.data) > 0, "no --data given (use --data DOMAIN=PATH, repeatable)"),
             (len({d.domain for d in self.data}) == len(self.data), "a domain is given twice in --data"),
-            (self.codec in ("v1", "v2"), f"--codec must be v1 or v2, got {self.codec!r}"),
+            (self.codec in ("v1", "v2", "v3"), f"--codec must be v1, v2 or v3, got {self.codec!r}"),
             (self.targets in ("topk", "sampled"), f"--targets must be topk or sampled, got {self.targets!r}"),
             (self.vllm_output in ("auto", "hidden", "logprobs"),
              f"--vllm-output must be auto, hidden or logprobs, got {self.vllm_output!r}"),
@@ -130,9 +131,10 @@ class CaptureConfig:
             (self.kl_budget is None or self.kl_budget >= 0, f"--kl-budget must be >= 0, got {self.kl_budget}"),
             (self.kl_scale is None or self.kl_scale >= 0, f"--kl-scale must be >= 0, got {self.kl_scale}"),
             (0 < self.samples <= 255, f"--samples must be in 1..255, got {self.samples}"),
-            (self.codec == "v2" or (self.targets == "topk" and self.top_p is None and self.kl_budget is None
-                                    and self.kl_scale is None),
-             "--targets sampled, --top-p, --kl-budget and --kl-scale need --codec v2"),
+            (self.codec != "v1" or (self.kl_budget is None and self.kl_scale is None),
+             "--kl-budget and --kl-scale need --codec v2 or v3"),
+            (self.codec == "v2" or (self.targets == "topk" and self.top_p is None),
+             "--targets sampled and --top-p need --codec v2"),
             (self.targets == "topk" or self.backend != "vllm",
              "--targets sampled needs the full distribution: use --backend hf (vLLM returns only the top-k)"),
         ]
@@ -146,18 +148,21 @@ class CaptureConfig:
         """K, the entries per position in the cache: --top-k, or --samples for sampled targets."""
         return self.samples if self.targets == "sampled" else self.top_k
 
-    def make_codec(self, vocab_size: int) -> TopkV1 | TopkV2:
+    def make_codec(self, vocab_size: int) -> TopkV1 | TopkV2 | TopkV3:
         if self.codec == "v1":
             return TopkV1(top_k=self.top_k)
         rule = {"top_p": self.top_p, "kl_budget": self.kl_budget, "kl_scale": self.kl_scale}
         if not any(v is not None for v in rule.values()):
             rule["kl_scale"] = DEFAULT_KL_SCALE
+        if self.codec == "v3":
+            return TopkV3(top_k=self.top_k, vocab_size=vocab_size, kl_budget=rule["kl_budget"],
+                          kl_scale=rule["kl_scale"])
         return TopkV2(top_k=self.width, vocab_size=vocab_size, targets=self.targets, samples=self.samples,
                       **(rule if self.targets == "topk" else {}))
 
     @property
     def token_bytes_bound(self) -> int:
-        """Bytes per token before compression: K entries of 8 (v1) or at most 3 (v2) bytes, plus 8."""
+        """Bytes per token before compression: K entries of 8 (v1) or about 3 (v2, v3) bytes, plus 8."""
         return (8 if self.codec == "v1" else 3) * self.width + 8
 
     @property
@@ -448,7 +453,7 @@ def _manifest(cfg: CaptureConfig, out: Path, tokenizer, codec, identity: dict,
 
 
 def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain: str, teacher,
-                   cfg: CaptureConfig, codec: TopkV1 | TopkV2, bar: tqdm) -> ShardInfo:
+                   cfg: CaptureConfig, codec: TopkV1 | TopkV2 | TopkV3, bar: tqdm) -> ShardInfo:
     """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard, keeping
     the teacher's distribution at supervised positions only. A writer thread encodes and writes each batch while
     the engine runs the next ones (at most WRITE_AHEAD waiting)."""

@@ -225,8 +225,8 @@ def test_codec_params_roundtrip_and_bad_params():
         codec_from_params({"name": "topk-v2", "vocab_size": 10, "targets": "both"}, 4)
     with pytest.raises(CacheError, match="top_k 40 out of range"):
         TopkV2(top_k=40, vocab_size=10)
-    with pytest.raises(CacheError, match="unknown codec 'topk-v3'"):
-        codec_from_params({"name": "topk-v3"}, 4)
+    with pytest.raises(CacheError, match="unknown codec 'topk-v9'"):
+        codec_from_params({"name": "topk-v9"}, 4)
 
 
 def test_unsorted_input_and_corrupt_fields_are_named():

@@ -1,0 +1,211 @@
+"""Codec `topk-v3`: every top-k id listed, sorted; values only where they matter (docs/cache_format.md).
+
+Per position t the encoder lists the L_t <= K ids whose depth code the quantiser reaches (topk-v2's
+round(51 sqrt(lp_1 - lp)) <= 254) and gives its own depth code to only the first k_t <= L_t of them (by log-prob):
+the smallest k_t whose extra KL is within the rule's budget when the other L_t - k_t listed ids share their mass
+equally (`value_counts`). Per row of T positions, little-endian:
+    input_ids  (T,)         token ids                                                  id_width bytes (1, 2 or 4)
+    counts     (T,)         L_t; 0: no distribution (last, unsupervised)                count_width bytes
+    ids        (sum L_t,)   listed ids, each position's in ascending id order           id_width bytes
+    values     (sum L_t,)   uint8 depth code of a valued id, SHARED (255) for the others
+    shared     (T,)         uint8 depth code that each SHARED id of the position decodes to
+    tail       (T,)         uint16 code of log(mass beyond the listed ids / p_1) (topk-v2's)
+    slots      (T,)         the actual next token's slot among the listed ids when it is valued, else no_slot
+    targets    float16 log p of the actual next token where L_t > 0 and it has no slot
+Why this layout (measured, docs/benchmarks.md): a teacher's top-k *sets* recur from position to position, so sorted
+ids form long repeats that zstd finds (about 2.5 bits per id instead of 9-10 in log-prob order), and the flat part
+of a distribution, most of its entries, costs one shared code instead of one per entry. The decoded head plus tail
+mass is exactly 1, as in topk-v2. Entries come back in ascending id order: no consumer may assume the top-1 first.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, _binary_parts, _concat, _pack, _unpack, \
+    depth_codes, truncation_bound
+from .errors import CacheError
+
+SHARED = 255                 # `values` entry of a listed id without its own code
+FIELDS = ("input_ids", "counts", "ids", "values", "shared", "tail", "slots", "targets")
+
+
+def _plogp_rest(p: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    """(T, K): sum_{k<j<=K} p_j log p_j for k = 1..K (0 at k = K)."""
+    plogp = np.where(p > 0, p * np.where(np.isfinite(lp), lp, 0.0), 0.0)
+    return plogp.sum(1, keepdims=True) - np.cumsum(plogp, 1)
+
+
+def value_counts(lp: np.ndarray, listed: np.ndarray, vocab_size: int, kl_budget: float | None,
+                 kl_scale: float | None) -> np.ndarray:
+    """Valued entries per position, (T,), from one row's sorted log-probs lp (T, K) and its listed counts L (T,).
+
+    Decoding gives the listed ids k < j <= L the same probability m_k / (L - k), m_k = sum_{k<j<=L} p_j, so the
+    KL(p || decoded) exceeds that of all L valued by
+        dKL(k) = sum_{k<j<=L} p_j log p_j - m_k log(m_k / (L - k))          (0 at k = L)
+    The smallest k with dKL(k) <= budget is kept: kl_budget nats, or kl_scale times the row's mean U_K, topk-v2's
+    bound on the top-K truncation KL (`truncation_bound`); the larger of the two (the smaller k) when both are
+    given; no rule: every listed id valued. At least 1 where a distribution exists.
+    """
+    T, K = lp.shape
+    lp = lp.astype(np.float64)
+    if kl_budget is None and kl_scale is None:
+        return listed.copy()
+    if kl_scale is not None:
+        scaled = kl_scale * truncation_bound(lp, vocab_size)
+        kl_budget = scaled if kl_budget is None else max(kl_budget, scaled)
+    p = np.where(np.arange(K) < listed[:, None], np.exp(lp), 0.0)              # (T, K) listed entries only
+    m = p.sum(1, keepdims=True) - np.cumsum(p, 1)                              # (T, K) m_k, k = 1..K
+    n = np.maximum(listed[:, None] - np.arange(1, K + 1), 1)                   # (T, K) L - k
+    dkl = _plogp_rest(p, lp) - np.where(m > 0, m * np.log(np.maximum(m, 1e-300) / n), 0.0)
+    ok = (dkl <= kl_budget) | (np.arange(1, K + 1) >= listed[:, None])         # (T, K) k = L always qualifies
+    return np.where(listed > 0, np.maximum(ok.argmax(1) + 1, 1), 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TopkV3:
+    """Sorted ids, shared codes for the flat part (module docstring). Top-k targets only (sampled: topk-v2)."""
+
+    top_k: int
+    vocab_size: int
+    kl_budget: float | None = None
+    kl_scale: float | None = None
+    name: str = "topk-v3"
+    zstd_level: ClassVar[int] = 9           # sorted ids repeat at long range: 9 finds 15 % more than 3 (benchmarks)
+
+    def __post_init__(self):
+        if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
+            raise CacheError(f"codec topk-v3: top_k {self.top_k} out of range (1..min(65535, vocab "
+                             f"{self.vocab_size}))")
+        for rule in (self.kl_budget, self.kl_scale):
+            if rule is not None and not rule >= 0:
+                raise CacheError(f"codec topk-v3: kl_budget/kl_scale must be >= 0, got {rule}")
+
+    @property
+    def id_width(self) -> int:
+        return 1 if self.vocab_size <= 1 << 8 else 2 if self.vocab_size <= 1 << 16 else 4
+
+    @property
+    def count_width(self) -> int:
+        return 1 if self.top_k <= 255 else 2
+
+    @property
+    def no_slot(self) -> int:
+        return (1 << (8 * self.count_width)) - 1
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([("row_index", pa.int64()), ("domain", pa.string())] + [(f, pa.binary()) for f in FIELDS])
+
+    def params(self) -> dict:
+        return {"name": self.name, "vocab_size": self.vocab_size, "kl_budget": self.kl_budget,
+                "kl_scale": self.kl_scale}
+
+    def encode(self, rows: list[dict]) -> pa.Table:
+        """Rows (input_ids (T,), topk_ids (T, K), topk_logprobs (T, K) sorted descending, target_logprobs (T,),
+        row_index, domain) -> one Arrow table (one Parquet row group)."""
+        blobs = {f: [] for f in FIELDS}
+        for r in rows:
+            for f, b in self._encode_row(r).items():
+                blobs[f].append(b)
+        return pa.Table.from_arrays(
+            [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
+            + [pa.array(blobs[f], pa.binary()) for f in FIELDS], schema=self.arrow_schema)
+
+    def _encode_row(self, r: dict) -> dict:
+        ids, lp, target = r["topk_ids"].astype(np.int64), r["topk_logprobs"].astype(np.float64), r["target_logprobs"]
+        T, K = len(r["input_ids"]), self.top_k
+        if ids.shape != (T, K) or lp.shape != (T, K) or target.shape != (T,):
+            raise ValueError(f"row {r['row_index']}: shapes {ids.shape}, {lp.shape}, {target.shape} do not match "
+                             f"T={T}, K={K}")
+        with np.errstate(invalid="ignore"):                                        # -inf - -inf
+            if (np.diff(lp, axis=1) > 0).any():
+                raise ValueError(f"row {r['row_index']}: topk_logprobs are not sorted in descending order")
+        codes = depth_codes(lp)                                                    # (T, K) 255 at -inf
+        listed_n = np.where(np.isfinite(lp[:, 0]), (codes <= MAX_CODE).sum(1), 0)  # (T,) L_t
+        valued_n = value_counts(lp, listed_n, self.vocab_size, self.kl_budget, self.kl_scale)   # (T,) k_t
+        col = np.arange(K)
+        listed, valued = col < listed_n[:, None], col < valued_n[:, None]          # (T, K)
+        p = np.where(listed, np.exp(lp), 0.0)                                      # (T, K)
+        share = np.where(listed & ~valued, p, 0.0).sum(1) / np.maximum(listed_n - valued_n, 1)   # (T,)
+        with np.errstate(divide="ignore", invalid="ignore"):                       # rows without a distribution
+            shared = np.where(share > 0, np.rint(SQRT_SCALE * np.sqrt(np.maximum(lp[:, 0] - np.log(share), 0.0))),
+                              0)
+        shared = np.minimum(shared, MAX_CODE)                                      # (T,)
+        beyond = np.clip(1.0 - p.sum(1), 0.0, None)                                # (T,) mass beyond the listed ids
+        with np.errstate(divide="ignore"):
+            r_tail = np.log(beyond) - lp[:, 0]                                     # (T,) -inf: no tail
+        tail = np.where(np.isfinite(r_tail) & (listed_n > 0),
+                        np.clip(np.rint((r_tail + 128.0) * TAIL_STEP), 1, 65535), 0)
+        order = np.argsort(np.where(listed, ids, np.iinfo(np.int64).max), axis=1, kind="stable")   # (T, K)
+        ids = np.take_along_axis(ids, order, 1)                                    # (T, K) listed ids ascending
+        values = np.take_along_axis(np.where(valued, codes, SHARED), order, 1)     # (T, K)
+        hit = (ids[:-1] == r["input_ids"][1:, None]) & listed[:-1] & (values[:-1] != SHARED)   # (T-1, K)
+        inside = np.append(hit.any(1), False)                                      # (T,)
+        slots = np.where(inside, np.append(hit.argmax(1), 0), self.no_slot)       # (T,)
+        return {"input_ids": _pack(r["input_ids"], self.id_width), "counts": _pack(listed_n, self.count_width),
+                "ids": _pack(ids[listed], self.id_width), "values": values[listed].astype(np.uint8).tobytes(),
+                "shared": shared.astype(np.uint8).tobytes(), "tail": _pack(tail, 2),
+                "slots": _pack(slots, self.count_width),
+                "targets": target[(listed_n > 0) & ~inside].astype("<f2").tobytes()}
+
+    def decode(self, table: pa.Table, where: str) -> Iterator[dict]:
+        """One Arrow table (a row group) -> rows as dicts of numpy arrays (reader API, K = top_k), decoded at once
+        as N = sum T positions and cut into rows (views)."""
+        if table.num_rows == 0:
+            return
+        parts = {f: _binary_parts(table.column(f)) for f in FIELDS}
+        input_ids, lengths = _unpack(*parts["input_ids"], self.id_width, where, "input_ids")   # (N,), (R,)
+        counts, n_counts = _unpack(*parts["counts"], self.count_width, where, "counts")       # (N,)
+        counts = counts.astype(np.int64)
+        if not np.array_equal(lengths, n_counts) or counts.max(initial=0) > self.top_k:
+            raise CacheError(f"{where}: field 'counts' does not match the rows' lengths and top_k={self.top_k}")
+        ends = np.cumsum(lengths)                                                                # (R,)
+        arrays = self._decode_positions(counts, parts, where)
+        input_ids = input_ids.astype(np.int32)
+        row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
+        for i, (a, b) in enumerate(zip(ends - lengths, ends)):
+            yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
+                   **{key: v[a:b] for key, v in arrays.items()}}
+
+    def _decode_positions(self, counts: np.ndarray, parts: dict, where: str) -> dict:
+        """N positions -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,): the n = sum counts listed
+        entries are decoded flat and scattered once into the padded arrays."""
+        K, N = self.top_k, len(counts)
+        flat_ids, _ = _unpack(*parts["ids"], self.id_width, where, "ids")                    # (n,)
+        values = _concat(*parts["values"])                                                      # (n,) uint8
+        shared = _concat(*parts["shared"])                                                      # (N,) uint8
+        tail_code, _ = _unpack(*parts["tail"], 2, where, "tail")                              # (N,)
+        slots, _ = _unpack(*parts["slots"], self.count_width, where, "slots")                 # (N,)
+        targets = _concat(*parts["targets"])
+        n = int(counts.sum())
+        if len(flat_ids) != n or len(values) != n or targets.size % 2:
+            raise CacheError(f"{where}: field 'ids', 'values' or 'targets' does not match the counts")
+        if len(shared) != N or len(tail_code) != N or len(slots) != N:
+            raise CacheError(f"{where}: field 'shared', 'tail' or 'slots' does not match the rows' lengths")
+        codes = np.where(values == SHARED, np.repeat(shared, counts), values)                  # (n,)
+        if n and codes.max() > MAX_CODE:
+            raise CacheError(f"{where}: field 'values' or 'shared' holds a depth code above {MAX_CODE}")
+        live = counts > 0                                                                       # (N,)
+        starts = np.cumsum(counts) - counts                                                     # (N,)
+        head = np.zeros(N, np.float32)                                                          # (N,) sum p_j / p_1
+        if n:
+            head[live] = np.add.reduceat(EXP_DEPTH[codes], starts[live])
+        tail_rel = np.where(tail_code > 0, np.exp(tail_code / TAIL_STEP - 128.0), 0.0)         # (N,) tail / p_1
+        norm = np.log(np.where(live, head + tail_rel, 1.0)).astype(np.float32)                 # (N,) -log p_1
+        dest = np.arange(n) + np.repeat(np.arange(N) * K - starts, counts)                     # (n,) flat (N, K) slots
+        ids = np.zeros(N * K, np.int32)
+        ids[dest] = flat_ids
+        lp = np.full(N * K, -np.inf, np.float32)
+        lp[dest] = -DEPTH[codes] - np.repeat(norm, counts)
+        ids, lp = ids.reshape(N, K), lp.reshape(N, K)
+        inside = slots < np.minimum(counts, self.no_slot)                                      # (N,)
+        target = np.full(N, np.nan, np.float32)                                                 # (N,)
+        if int((~inside & live).sum()) * 2 != targets.size:
+            raise CacheError(f"{where}: field 'targets' has {targets.size // 2} values, expected "
+                             f"{int((~inside & live).sum())}")
+        target[inside] = lp[inside, slots[inside]]
+        target[~inside & live] = targets.view("<f2")
+        return {"topk_ids": ids, "topk_logprobs": lp, "target_logprobs": target}

@@ -1,0 +1,203 @@
+"""Codec topk-v3: round trip within the stated bounds, id order, the shared-code rule against the full distribution,
+edges, a v3 cache on disk, and corrupted fields refused by the reader and by verify."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache_format import CacheError, TopkV2, TopkV3, codec_from_params, file_sha256, open_cache, verify_cache
+from cache_format.codec_v2 import MAX_CODE, SQRT_SCALE, truncation_bound
+from cache_format.codec_v3 import value_counts
+from tests.cache_format.test_codec_v2 import depth_error_bound, full_row, roundtrip
+from tests.helpers import write_synthetic_cache
+
+
+def by_id(ids: np.ndarray, values: np.ndarray, n: np.ndarray):
+    """The first n[t] entries of each position, re-ordered by ascending id: (ids, values), padding last."""
+    listed = np.arange(ids.shape[1]) < n[:, None]
+    order = np.argsort(np.where(listed, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1), listed
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.integers(2, 24), K=st.integers(1, 40), scale=st.floats(0.1, 6.0))
+def test_roundtrip_without_rule_is_v2s_entries_in_id_order(seed, T, K, scale):
+    """No rule: every listed id keeps its own code; the entries are topk-v2's (same ids, same error bound), each
+    position's in ascending id order, padding after them."""
+    rng = np.random.default_rng(seed)
+    row, _ = full_row(rng, T, K, 64, scale)
+    (got,) = roundtrip(TopkV3(top_k=K, vocab_size=64), [row])
+    (ref,) = roundtrip(TopkV2(top_k=K, vocab_size=64), [row])
+    lp = row["topk_logprobs"][:-1].astype(np.float64)                             # (T-1, K) exact
+    n = np.isfinite(ref["topk_logprobs"][:-1]).sum(1)                            # (T-1,) v2's kept counts
+    ids, dlp, listed = by_id(row["topk_ids"][:-1].astype(np.int64), ref["topk_logprobs"][:-1], n)
+    assert got["topk_ids"].shape == (T, K) and got["topk_ids"].dtype == np.int32
+    np.testing.assert_array_equal(got["input_ids"], row["input_ids"])
+    np.testing.assert_array_equal(np.where(listed, got["topk_ids"][:-1], 0), np.where(listed, ids, 0))
+    assert (np.diff(np.where(listed, got["topk_ids"][:-1], 1 << 30), axis=1) > 0).all()          # ascending ids
+    assert (got["topk_ids"][:-1][~listed] == 0).all() and np.isneginf(got["topk_logprobs"][:-1][~listed]).all()
+    np.testing.assert_allclose(np.where(listed, got["topk_logprobs"][:-1], 0), np.where(listed, dlp, 0), atol=1e-5)
+    _, exact, _ = by_id(row["topk_ids"][:-1].astype(np.int64), lp, n)
+    _, bound, _ = by_id(row["topk_ids"][:-1].astype(np.int64), depth_error_bound(lp), n)   # bounds follow the ids
+    slack = np.where(listed, bound, 0).max(1, keepdims=True) + 1 / 512 + 1e-5
+    assert (np.abs(np.where(listed, got["topk_logprobs"][:-1] - exact, 0)) <= bound + slack).all()
+    np.testing.assert_allclose(got["target_logprobs"], ref["target_logprobs"], atol=1e-5)
+    assert np.isneginf(got["topk_logprobs"][-1]).all() and np.isnan(got["target_logprobs"][-1])
+
+
+def kl_full(logp: np.ndarray, got: dict) -> np.ndarray:
+    """(T-1,) KL(full distribution || decoded cache), the decoded tail spread uniformly over the ids not listed."""
+    V = logp.shape[1]
+    dlp = got["topk_logprobs"][:-1].astype(np.float64)
+    listed = np.isfinite(dlp)
+    q = np.full_like(logp, 0.0)
+    tail = np.clip(1 - np.where(listed, np.exp(dlp), 0).sum(1), 0, None)          # (T-1,)
+    q[:] = (tail / np.maximum(V - listed.sum(1), 1))[:, None]
+    rows = np.repeat(np.arange(len(logp)), listed.sum(1))
+    q[rows, got["topk_ids"][:-1][listed]] = np.exp(dlp[listed])
+    p = np.exp(logp)
+    return (p * (logp - np.log(np.maximum(q, 1e-300)))).sum(1)
+
+
+@pytest.mark.parametrize("budget", [1e-4, 1e-3, 1e-2])
+def test_shared_code_rule_matches_the_full_distribution(budget):
+    """value_counts' dKL is what sharing really costs: measured against the full distribution, the extra KL over
+    the all-valued decode is within the budget (plus quantisation noise) at every position, and fewer entries
+    are valued as the budget grows."""
+    rng = np.random.default_rng(3)
+    row, logp = full_row(rng, 40, 32, 512, scale=2.0)
+    (all_valued,) = roundtrip(TopkV3(top_k=32, vocab_size=512), [row])
+    (shared,) = roundtrip(TopkV3(top_k=32, vocab_size=512, kl_budget=budget), [row])
+    extra = kl_full(logp, shared) - kl_full(logp, all_valued)                     # (T-1,)
+    assert (extra <= budget + 2e-3).all(), extra.max()
+    lp = row["topk_logprobs"][:-1].astype(np.float64)
+    k = value_counts(lp, np.full(len(lp), 32), 512, budget, None)
+    assert (k < 32).any() and (k >= 1).all()
+    assert value_counts(lp, np.full(len(lp), 32), 512, budget * 10, None).sum() <= k.sum()
+
+
+def test_kl_scale_is_the_budget_rule_with_the_rows_truncation_bound():
+    rng = np.random.default_rng(4)
+    row, _ = full_row(rng, 30, 16, 300, scale=1.5)
+    lp, n = row["topk_logprobs"][:-1].astype(np.float64), np.full(29, 16)
+    u = truncation_bound(lp, 300)
+    assert u > 0
+    np.testing.assert_array_equal(value_counts(lp, n, 300, None, 0.05), value_counts(lp, n, 300, 0.05 * u, None))
+    a = TopkV3(top_k=16, vocab_size=300, kl_scale=0.05).encode([row])
+    b = TopkV3(top_k=16, vocab_size=300, kl_budget=0.05 * u).encode([row])
+    assert a.column("values").equals(b.column("values")) and a.column("shared").equals(b.column("shared"))
+
+
+def test_flat_part_costs_less_and_keeps_the_mass():
+    """A flat teacher: most listed ids share one code; the shared ids' decoded mass equals their true mass (to the
+    quantiser's step), and the head plus tail still sums to 1."""
+    rng = np.random.default_rng(6)
+    row, logp = full_row(rng, 30, 48, 1000, scale=0.3)
+    codec = TopkV3(top_k=48, vocab_size=1000, kl_scale=0.015)
+    table = codec.encode([row])
+    values = np.frombuffer(table.column("values")[0].as_py(), np.uint8)
+    assert (values == 255).mean() > 0.5
+    (got,) = roundtrip(codec, [row])
+    dlp = got["topk_logprobs"][:-1].astype(np.float64)
+    listed = np.isfinite(dlp)
+    tail = 1 - np.exp(np.where(listed, dlp, -np.inf)).sum(1)
+    true_tail = 1 - np.exp(row["topk_logprobs"][:-1].astype(np.float64)).sum(1)
+    np.testing.assert_allclose(tail, true_tail, rtol=0.02)
+    (all_valued,) = roundtrip(TopkV3(top_k=48, vocab_size=1000), [row])
+    assert kl_full(logp, got).mean() <= 1.1 * kl_full(logp, all_valued).mean()
+
+
+def test_edges_k1_kV_one_token_uniform_and_empty():
+    rng = np.random.default_rng(7)
+    for K, V, scale in ((1, 50, 2.0), (20, 20, 2.0), (8, 30, 0.0)):            # k = 1, k = V, a uniform teacher
+        row, logp = full_row(rng, 9, K, V, scale)
+        (got,) = roundtrip(TopkV3(top_k=K, vocab_size=V, kl_scale=0.015), [row])
+        dlp = got["topk_logprobs"][:-1]
+        assert np.isfinite(dlp[:, 0]).all()
+        np.testing.assert_allclose(np.exp(dlp.astype(np.float64)).sum(1) <= 1 + 1e-5, True)
+        assert (kl_full(logp, got) >= -1e-6).all()
+    one = {"row_index": 0, "domain": "d", "input_ids": np.array([3], np.int32),
+           "topk_ids": np.zeros((1, 4), np.int32), "topk_logprobs": np.full((1, 4), -np.inf, np.float32),
+           "target_logprobs": np.array([np.nan], np.float32)}
+    (got,) = roundtrip(TopkV3(top_k=4, vocab_size=10), [one])
+    assert np.isneginf(got["topk_logprobs"]).all() and np.isnan(got["target_logprobs"][0])
+    assert list(TopkV3(top_k=4, vocab_size=10).decode(TopkV3(top_k=4, vocab_size=10).encode([]), "t")) == []
+
+
+def test_depth_beyond_the_quantiser_is_not_listed():
+    rng = np.random.default_rng(8)
+    row, _ = full_row(rng, 6, 16, 64, scale=30.0)                                # very peaked: deep entries
+    lp = row["topk_logprobs"][:-1].astype(np.float64)
+    (got,) = roundtrip(TopkV3(top_k=16, vocab_size=64), [row])
+    reach = (np.rint(np.sqrt(lp[:, :1] - lp) * SQRT_SCALE) <= MAX_CODE).sum(1)
+    np.testing.assert_array_equal(np.isfinite(got["topk_logprobs"][:-1]).sum(1), reach)
+
+
+def test_v3_cache_on_disk_reads_and_verifies_and_corruption_is_refused(tmp_path):
+    codec = TopkV3(top_k=8, vocab_size=70000, kl_scale=0.015)                     # 4-byte ids
+    write_synthetic_cache(tmp_path / "c", {"code": 7, "prose": 3}, T=16, K=8, V=70000, codec=codec)
+    cache = open_cache(tmp_path / "c")
+    assert cache.codec == codec and cache.manifest.codec["name"] == "topk-v3"
+    assert codec_from_params(codec.params(), 8) == codec
+    rows = list(cache.iter_rows("train", "code"))
+    assert [r["row_index"] for r in rows] == list(range(7))
+    assert all(r["topk_ids"].shape == (16, 8) and r["topk_ids"].max() < 70000 for r in rows)
+    assert verify_cache(tmp_path / "c").rows == 14
+    shard = cache.shards("train", "code")[0]
+    path = tmp_path / "c" / shard.path
+    assert pq.ParquetFile(path).metadata.row_group(0).column(5).compression == "ZSTD"
+
+
+@pytest.mark.parametrize("field,blob,match", [
+    ("values", b"\xfe" * 3, "'ids', 'values' or 'targets'"),
+    ("shared", b"\x01", "'shared', 'tail' or 'slots'"),
+    ("counts", b"\x09" * 6, "'counts'"),
+    ("targets", b"\x00", "'ids', 'values' or 'targets'"),
+])
+def test_corrupt_fields_are_named_by_the_reader(field, blob, match):
+    rng = np.random.default_rng(5)
+    row, _ = full_row(rng, 6, 4, 50)
+    codec = TopkV3(top_k=4, vocab_size=50)
+    table = codec.encode([row])
+    broken = table.set_column(table.schema.get_field_index(field), field, pa.array([blob], pa.binary()))
+    with pytest.raises(CacheError, match=f"test.*{match}"):
+        list(codec.decode(broken, "test"))
+
+
+def test_codes_out_of_range_are_refused_by_the_reader_and_verify(tmp_path):
+    """A shard whose fields are well-formed but whose codes are not (a SHARED entry pointing at a shared code
+    above the quantiser's reach), with a manifest that matches its bytes: the reader and verify both refuse it."""
+    codec = TopkV3(top_k=8, vocab_size=64)
+    write_synthetic_cache(tmp_path / "c", {"code": 3}, T=16, K=8, V=64, codec=codec, rows_per_shard=3)
+    manifest_path = tmp_path / "c" / "manifest.json"
+    d = json.loads(manifest_path.read_text())
+    entry = d["splits"]["train"]["code"]["shards"][0]
+    path = tmp_path / "c" / entry["path"]
+    table = pq.read_table(path)
+    values = np.frombuffer(table.column("values")[0].as_py(), np.uint8).copy()
+    shared = np.frombuffer(table.column("shared")[0].as_py(), np.uint8).copy()
+    values[0], shared[0] = 255, 255
+    for field, arr in (("values", values), ("shared", shared)):
+        column = pa.array([arr.tobytes()] + table.column(field).to_pylist()[1:], pa.binary())
+        table = table.set_column(table.schema.get_field_index(field), field, column)
+    pq.write_table(table, path, compression="zstd")
+    entry["bytes"], entry["sha256"] = path.stat().st_size, file_sha256(path)
+    manifest_path.write_text(json.dumps(d))
+    with pytest.raises(CacheError, match=f"{entry['path']}: field 'values' or 'shared' holds a depth code above 254"):
+        list(open_cache(tmp_path / "c").iter_rows("train", "code"))
+    with pytest.raises(CacheError, match="depth code above 254"):
+        verify_cache(tmp_path / "c")
+
+
+def test_bad_params():
+    with pytest.raises(CacheError, match="top_k 40 out of range"):
+        TopkV3(top_k=40, vocab_size=10)
+    with pytest.raises(CacheError, match="bad parameters"):
+        codec_from_params({"name": "topk-v3", "vocab_size": 10, "targets": "sampled"}, 4)
+    with pytest.raises(CacheError, match="must be >= 0"):
+        TopkV3(top_k=4, vocab_size=10, kl_scale=-1.0)

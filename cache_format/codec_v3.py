@@ -6,15 +6,19 @@ the smallest k_t whose extra KL is within the rule's budget when the other L_t -
 equally (`value_counts`). Per row of T positions, little-endian:
     input_ids  (T,)         token ids                                                  id_width bytes (1, 2 or 4)
     counts     (T,)         L_t; 0: no distribution (last, unsupervised)                count_width bytes
-    ids        (sum L_t,)   listed ids, each position's in ascending id order           id_width bytes
+    dictionary (D,)         first row of a row group only: the D distinct listed ids of the row group,
+                            ascending, as differences (the first from 0)                id_width bytes
+    ids        (sum L_t,)   listed ids as indices into the dictionary, each position's ascending
+                                                                                        1, 2 or 4 bytes (from D)
     values     (sum L_t,)   uint8 depth code of a valued id, SHARED (255) for the others
     shared     (T,)         uint8 depth code that each SHARED id of the position decodes to
     tail       (T,)         uint16 code of log(mass beyond the listed ids / p_1) (topk-v2's)
     slots      (T,)         the actual next token's slot among the listed ids when it is valued, else no_slot
     targets    float16 log p of the actual next token where L_t > 0 and it has no slot
 Why this layout (measured, docs/benchmarks.md): a teacher's top-k *sets* recur from position to position, so sorted
-ids form long repeats that zstd finds (about 2.5 bits per id instead of 9-10 in log-prob order), and the flat part
-of a distribution, most of its entries, costs one shared code instead of one per entry. The decoded head plus tail
+ids form long repeats that zstd finds (about 2.5 bits per id instead of 9-10 in log-prob order), the dictionary
+makes those repeats as short at V = 262k as at V = 4k, and the flat part of a distribution, most of its entries,
+costs one shared code instead of one per entry. The decoded head plus tail
 mass is exactly 1, as in topk-v2. Entries come back in ascending id order: no consumer may assume the top-1 first.
 """
 
@@ -29,7 +33,12 @@ from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, _binary
 from .errors import CacheError
 
 SHARED = 255                 # `values` entry of a listed id without its own code
-FIELDS = ("input_ids", "counts", "ids", "values", "shared", "tail", "slots", "targets")
+FIELDS = ("input_ids", "counts", "dictionary", "ids", "values", "shared", "tail", "slots", "targets")
+
+
+def _index_width(size: int) -> int:
+    """Bytes per index into a dictionary of `size` ids."""
+    return 1 if size <= 1 << 8 else 2 if size <= 1 << 16 else 4
 
 
 def _plogp_rest(p: np.ndarray, lp: np.ndarray) -> np.ndarray:
@@ -107,9 +116,14 @@ class TopkV3:
         """Rows (input_ids (T,), topk_ids (T, K), topk_logprobs (T, K) sorted descending, target_logprobs (T,),
         row_index, domain) -> one Arrow table (one Parquet row group)."""
         blobs = {f: [] for f in FIELDS}
-        for r in rows:
-            for f, b in self._encode_row(r).items():
-                blobs[f].append(b)
+        encoded = [self._encode_row(r) for r in rows]
+        dictionary = np.unique(np.concatenate([e["ids"] for e in encoded] + [np.zeros(0, np.int64)]))   # (D,)
+        width = _index_width(len(dictionary))
+        for i, e in enumerate(encoded):
+            e["ids"] = _pack(np.searchsorted(dictionary, e["ids"]), width)
+            e["dictionary"] = _pack(np.diff(dictionary, prepend=0), self.id_width) if i == 0 else b""
+            for f in FIELDS:
+                blobs[f].append(e[f])
         return pa.Table.from_arrays(
             [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
             + [pa.array(blobs[f], pa.binary()) for f in FIELDS], schema=self.arrow_schema)
@@ -146,7 +160,7 @@ class TopkV3:
         inside = np.append(hit.any(1), False)                                      # (T,)
         slots = np.where(inside, np.append(hit.argmax(1), 0), self.no_slot)       # (T,)
         return {"input_ids": _pack(r["input_ids"], self.id_width), "counts": _pack(listed_n, self.count_width),
-                "ids": _pack(ids[listed], self.id_width), "values": values[listed].astype(np.uint8).tobytes(),
+                "ids": ids[listed], "values": values[listed].astype(np.uint8).tobytes(),
                 "shared": shared.astype(np.uint8).tobytes(), "tail": _pack(tail, 2),
                 "slots": _pack(slots, self.count_width),
                 "targets": target[(listed_n > 0) & ~inside].astype("<f2").tobytes()}
@@ -174,7 +188,14 @@ class TopkV3:
         """N positions -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,): the n = sum counts listed
         entries are decoded flat and scattered once into the padded arrays."""
         K, N = self.top_k, len(counts)
-        flat_ids, _ = _unpack(*parts["ids"], self.id_width, where, "ids")                    # (n,)
+        deltas, _ = _unpack(*parts["dictionary"], self.id_width, where, "dictionary")
+        dictionary = np.cumsum(deltas, dtype=np.int64)                                          # (D,)
+        if (deltas[1:] == 0).any() or dictionary[-1:].max(initial=0) >= self.vocab_size:
+            raise CacheError(f"{where}: field 'dictionary' is not a set of ids below vocab_size={self.vocab_size}")
+        index, _ = _unpack(*parts["ids"], _index_width(len(dictionary)), where, "ids")        # (n,)
+        if index.max(initial=0) >= max(len(dictionary), 1):
+            raise CacheError(f"{where}: field 'ids' points past the {len(dictionary)} ids of the dictionary")
+        flat_ids = dictionary[index] if len(dictionary) else index                              # (n,)
         values = _concat(*parts["values"])                                                      # (n,) uint8
         shared = _concat(*parts["shared"])                                                      # (N,) uint8
         tail_code, _ = _unpack(*parts["tail"], 2, where, "tail")                              # (N,)

@@ -151,6 +151,10 @@ def test_v3_cache_on_disk_reads_and_verifies_and_corruption_is_refused(tmp_path)
     shard = cache.shards("train", "code")[0]
     path = tmp_path / "c" / shard.path
     assert pq.ParquetFile(path).metadata.row_group(0).column(5).compression == "ZSTD"
+    pf = pq.ParquetFile(path)
+    for g in range(pf.num_row_groups):                                          # one dictionary per row group
+        (first, *rest) = pf.read_row_group(g).column("dictionary").to_pylist()
+        assert len(first) > 0 and rest == [b""] * len(rest)
 
 
 @pytest.mark.parametrize("field,blob,match", [
@@ -169,28 +173,53 @@ def test_corrupt_fields_are_named_by_the_reader(field, blob, match):
         list(codec.decode(broken, "test"))
 
 
-def test_codes_out_of_range_are_refused_by_the_reader_and_verify(tmp_path):
-    """A shard whose fields are well-formed but whose codes are not (a SHARED entry pointing at a shared code
-    above the quantiser's reach), with a manifest that matches its bytes: the reader and verify both refuse it."""
+def with_first_row(table: pa.Table, field: str, blob: bytes) -> pa.Table:
+    column = pa.array([blob] + table.column(field).to_pylist()[1:], pa.binary())
+    return table.set_column(table.schema.get_field_index(field), field, column)
+
+
+def dictionary_of(table: pa.Table) -> np.ndarray:
+    return np.frombuffer(table.column("dictionary")[0].as_py(), "<u1").copy()
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    ("codes", "field 'values' or 'shared' holds a depth code above 254"),
+    ("dictionary repeats an id", "field 'dictionary' is not a set of ids below vocab_size=64"),
+    ("dictionary beyond the vocabulary", "field 'dictionary' is not a set of ids below vocab_size=64"),
+    ("dictionary cut short", "field 'ids' points past the"),
+])
+def test_corrupted_model_tables_are_refused_by_the_reader_and_verify(tmp_path, corrupt, match):
+    """A shard that is well-formed Parquet with a manifest that matches its bytes (what a writer bug or a tampered
+    cache would give, not a flipped byte, which the checksum catches), but whose row group's dictionary or codes
+    are wrong: the reader and verify both refuse it, naming the shard and field."""
     codec = TopkV3(top_k=8, vocab_size=64)
-    write_synthetic_cache(tmp_path / "c", {"code": 3}, T=16, K=8, V=64, codec=codec, rows_per_shard=3)
+    write_synthetic_cache(tmp_path / "c", {"code": 3}, T=16, K=8, V=64, codec=codec, rows_per_shard=3,
+                          row_group_rows=3)
     manifest_path = tmp_path / "c" / "manifest.json"
     d = json.loads(manifest_path.read_text())
     entry = d["splits"]["train"]["code"]["shards"][0]
     path = tmp_path / "c" / entry["path"]
     table = pq.read_table(path)
-    values = np.frombuffer(table.column("values")[0].as_py(), np.uint8).copy()
-    shared = np.frombuffer(table.column("shared")[0].as_py(), np.uint8).copy()
-    values[0], shared[0] = 255, 255
-    for field, arr in (("values", values), ("shared", shared)):
-        column = pa.array([arr.tobytes()] + table.column(field).to_pylist()[1:], pa.binary())
-        table = table.set_column(table.schema.get_field_index(field), field, column)
+    if corrupt == "codes":
+        values = np.frombuffer(table.column("values")[0].as_py(), np.uint8).copy()
+        shared = np.frombuffer(table.column("shared")[0].as_py(), np.uint8).copy()
+        values[0], shared[0] = 255, 255                                           # SHARED -> a code of 255
+        table = with_first_row(with_first_row(table, "values", values.tobytes()), "shared", shared.tobytes())
+    else:
+        deltas = dictionary_of(table)                                             # 1-byte ids (V = 64)
+        if corrupt == "dictionary repeats an id":
+            deltas[1] = 0
+        elif corrupt == "dictionary beyond the vocabulary":
+            deltas[-1] += 64
+        else:
+            deltas = deltas[:-5]
+        table = with_first_row(table, "dictionary", deltas.tobytes())
     pq.write_table(table, path, compression="zstd")
     entry["bytes"], entry["sha256"] = path.stat().st_size, file_sha256(path)
     manifest_path.write_text(json.dumps(d))
-    with pytest.raises(CacheError, match=f"{entry['path']}: field 'values' or 'shared' holds a depth code above 254"):
+    with pytest.raises(CacheError, match=f"{entry['path']}: {match}"):
         list(open_cache(tmp_path / "c").iter_rows("train", "code"))
-    with pytest.raises(CacheError, match="depth code above 254"):
+    with pytest.raises(CacheError, match=match):
         verify_cache(tmp_path / "c")
 
 

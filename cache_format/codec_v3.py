@@ -1,25 +1,29 @@
-"""Codec `topk-v3`: every top-k id listed, sorted; values only where they matter (docs/cache_format.md).
+"""Codec `topk-v3`: the whole top-k listed, values only where they matter (docs/cache_format.md).
 
 Per position t the encoder lists the L_t <= K ids whose depth code the quantiser reaches (topk-v2's
 round(51 sqrt(lp_1 - lp)) <= 254) and gives its own depth code to only the first k_t <= L_t of them (by log-prob):
-the smallest k_t whose extra KL is within the rule's budget when the other L_t - k_t listed ids share their mass
-equally (`value_counts`). Per row of T positions, little-endian:
-    input_ids  (T,)         token ids                                                  id_width bytes (1, 2 or 4)
-    counts     (T,)         L_t; 0: no distribution (last, unsupervised)                count_width bytes
-    dictionary (D,)         first row of a row group only: the D distinct listed ids of the row group,
-                            ascending, as differences (the first from 0)                id_width bytes
-    ids        (sum L_t,)   listed ids as indices into the dictionary, each position's ascending
+the smallest k_t whose extra KL is within the rule's budget when the other L_t - k_t listed ids, the *shared* ids,
+split their mass equally (`value_counts`). Per row of T positions, little-endian:
+    input_ids   (T,)             token ids                                              id_width bytes (1, 2 or 4)
+    counts      (T,)             L_t; 0: no distribution (last, unsupervised)           count_width bytes
+    valued      (T,)             k_t (1..L_t where L_t > 0)                             count_width bytes
+    dictionary  (D,)             first row of a row group only: the D distinct listed ids of the row group,
+                                 ascending, as differences (the first from 0)           id_width bytes
+    ids         (sum L_t,)       listed ids, each position's in ascending id order, as dictionary indices
                                                                                         1, 2 or 4 bytes (from D)
-    values     (sum L_t,)   uint8 depth code of a valued id, SHARED (255) for the others
-    shared     (T,)         uint8 depth code that each SHARED id of the position decodes to
-    tail       (T,)         uint16 code of log(mass beyond the listed ids / p_1) (topk-v2's)
-    slots      (T,)         the actual next token's slot among the listed ids when it is valued, else no_slot
-    targets    float16 log p of the actual next token where L_t > 0 and it has no slot
+    valued_at   (sum k_t,)       where each valued id is in its position's ids, in descending-logprob order
+                                                                                        count_width bytes
+    values      (sum k_t,)       uint8 depth-code increments mod 256 along the row (topk-v2's)
+    shared      (T,)             uint8 depth code of each shared id of the position
+    tail        (T,)             uint16 code of log(mass beyond the listed ids / p_1) (topk-v2's)
+    slots       (T,)             where the actual next token is in the position's ids when it is valued, else no_slot
+    targets     float16 log p of the actual next token where L_t > 0 and it has no slot
 Why this layout (measured, docs/benchmarks.md): a teacher's top-k *sets* recur from position to position, so sorted
-ids form long repeats that zstd finds (about 2.5 bits per id instead of 9-10 in log-prob order), the dictionary
-makes those repeats as short at V = 262k as at V = 4k, and the flat part of a distribution, most of its entries,
-costs one shared code instead of one per entry. The decoded head plus tail
-mass is exactly 1, as in topk-v2. Entries come back in ascending id order: no consumer may assume the top-1 first.
+they form long repeats that zstd finds (about 2.5 bits per id instead of 9-10 in log-prob order); the dictionary
+makes those repeats as short at V = 262k as at V = 4k; and the flat part of a distribution, most of its entries,
+costs one shared code instead of one per entry. Decoded, a position's entries come in ascending id order except
+that the top-1 comes first (swapped with the id in slot 0): unlike topk-v1 and v2, the log-probs after slot 0 are
+not sorted (every kdcache loss is order-free). Head plus tail mass is exactly 1, as in topk-v2.
 """
 
 from dataclasses import dataclass
@@ -32,8 +36,8 @@ from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, _binary
     depth_codes, truncation_bound
 from .errors import CacheError
 
-SHARED = 255                 # `values` entry of a listed id without its own code
-FIELDS = ("input_ids", "counts", "dictionary", "ids", "values", "shared", "tail", "slots", "targets")
+FIELDS = ("input_ids", "counts", "valued", "dictionary", "ids", "valued_at", "values", "shared", "tail", "slots",
+          "targets")
 
 
 def _index_width(size: int) -> int:
@@ -75,7 +79,8 @@ def value_counts(lp: np.ndarray, listed: np.ndarray, vocab_size: int, kl_budget:
 
 @dataclass(frozen=True)
 class TopkV3:
-    """Sorted ids, shared codes for the flat part (module docstring). Top-k targets only (sampled: topk-v2)."""
+    """Valued ids with their codes, then sorted shared ids with one code (module docstring). Top-k targets only
+    (sampled targets: topk-v2)."""
 
     top_k: int
     vocab_size: int
@@ -115,18 +120,15 @@ class TopkV3:
     def encode(self, rows: list[dict]) -> pa.Table:
         """Rows (input_ids (T,), topk_ids (T, K), topk_logprobs (T, K) sorted descending, target_logprobs (T,),
         row_index, domain) -> one Arrow table (one Parquet row group)."""
-        blobs = {f: [] for f in FIELDS}
         encoded = [self._encode_row(r) for r in rows]
         dictionary = np.unique(np.concatenate([e["ids"] for e in encoded] + [np.zeros(0, np.int64)]))   # (D,)
         width = _index_width(len(dictionary))
         for i, e in enumerate(encoded):
             e["ids"] = _pack(np.searchsorted(dictionary, e["ids"]), width)
             e["dictionary"] = _pack(np.diff(dictionary, prepend=0), self.id_width) if i == 0 else b""
-            for f in FIELDS:
-                blobs[f].append(e[f])
         return pa.Table.from_arrays(
             [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
-            + [pa.array(blobs[f], pa.binary()) for f in FIELDS], schema=self.arrow_schema)
+            + [pa.array([e[f] for e in encoded], pa.binary()) for f in FIELDS], schema=self.arrow_schema)
 
     def _encode_row(self, r: dict) -> dict:
         ids, lp, target = r["topk_ids"].astype(np.int64), r["topk_logprobs"].astype(np.float64), r["target_logprobs"]
@@ -142,8 +144,9 @@ class TopkV3:
         valued_n = value_counts(lp, listed_n, self.vocab_size, self.kl_budget, self.kl_scale)   # (T,) k_t
         col = np.arange(K)
         listed, valued = col < listed_n[:, None], col < valued_n[:, None]          # (T, K)
+        shared_mask = listed & ~valued                                             # (T, K)
         p = np.where(listed, np.exp(lp), 0.0)                                      # (T, K)
-        share = np.where(listed & ~valued, p, 0.0).sum(1) / np.maximum(listed_n - valued_n, 1)   # (T,)
+        share = np.where(shared_mask, p, 0.0).sum(1) / np.maximum(listed_n - valued_n, 1)   # (T,)
         with np.errstate(divide="ignore", invalid="ignore"):                       # rows without a distribution
             shared = np.where(share > 0, np.rint(SQRT_SCALE * np.sqrt(np.maximum(lp[:, 0] - np.log(share), 0.0))),
                               0)
@@ -154,13 +157,15 @@ class TopkV3:
         tail = np.where(np.isfinite(r_tail) & (listed_n > 0),
                         np.clip(np.rint((r_tail + 128.0) * TAIL_STEP), 1, 65535), 0)
         order = np.argsort(np.where(listed, ids, np.iinfo(np.int64).max), axis=1, kind="stable")   # (T, K)
-        ids = np.take_along_axis(ids, order, 1)                                    # (T, K) listed ids ascending
-        values = np.take_along_axis(np.where(valued, codes, SHARED), order, 1)     # (T, K)
-        hit = (ids[:-1] == r["input_ids"][1:, None]) & listed[:-1] & (values[:-1] != SHARED)   # (T-1, K)
+        at = np.argsort(order, axis=1)                                             # (T, K) entry j's place sorted
+        hit = (ids[:-1] == r["input_ids"][1:, None]) & valued[:-1]                # (T-1, K)
         inside = np.append(hit.any(1), False)                                      # (T,)
-        slots = np.where(inside, np.append(hit.argmax(1), 0), self.no_slot)       # (T,)
+        slots = np.where(inside, np.append(np.take_along_axis(at[:-1], hit.argmax(1)[:, None], 1)[:, 0], 0),
+                         self.no_slot)                                             # (T,) place among the sorted ids
         return {"input_ids": _pack(r["input_ids"], self.id_width), "counts": _pack(listed_n, self.count_width),
-                "ids": ids[listed], "values": values[listed].astype(np.uint8).tobytes(),
+                "valued": _pack(valued_n, self.count_width),
+                "ids": np.take_along_axis(ids, order, 1)[listed], "valued_at": _pack(at[valued], self.count_width),
+                "values": (np.diff(codes[valued], prepend=0) % 256).astype(np.uint8).tobytes(),
                 "shared": shared.astype(np.uint8).tobytes(), "tail": _pack(tail, 2),
                 "slots": _pack(slots, self.count_width),
                 "targets": target[(listed_n > 0) & ~inside].astype("<f2").tobytes()}
@@ -172,56 +177,76 @@ class TopkV3:
             return
         parts = {f: _binary_parts(table.column(f)) for f in FIELDS}
         input_ids, lengths = _unpack(*parts["input_ids"], self.id_width, where, "input_ids")   # (N,), (R,)
-        counts, n_counts = _unpack(*parts["counts"], self.count_width, where, "counts")       # (N,)
-        counts = counts.astype(np.int64)
+        counts, n_counts = _unpack(*parts["counts"], self.count_width, where, "counts")       # (N,) L_t
+        valued, n_valued = _unpack(*parts["valued"], self.count_width, where, "valued")       # (N,) k_t
+        counts, valued = counts.astype(np.int64), valued.astype(np.int64)
         if not np.array_equal(lengths, n_counts) or counts.max(initial=0) > self.top_k:
             raise CacheError(f"{where}: field 'counts' does not match the rows' lengths and top_k={self.top_k}")
+        if not np.array_equal(lengths, n_valued) or (valued > counts).any() or ((valued == 0) != (counts == 0)).any():
+            raise CacheError(f"{where}: field 'valued' does not match the rows' lengths and counts")
         ends = np.cumsum(lengths)                                                                # (R,)
-        arrays = self._decode_positions(counts, parts, where)
+        arrays = self._decode_positions(counts, valued, parts, where)
         input_ids = input_ids.astype(np.int32)
         row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
         for i, (a, b) in enumerate(zip(ends - lengths, ends)):
             yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
                    **{key: v[a:b] for key, v in arrays.items()}}
 
-    def _decode_positions(self, counts: np.ndarray, parts: dict, where: str) -> dict:
-        """N positions -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,): the n = sum counts listed
-        entries are decoded flat and scattered once into the padded arrays."""
+    def _decode_positions(self, counts: np.ndarray, valued: np.ndarray, parts: dict, where: str) -> dict:
+        """N positions -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,): each position's sorted ids
+        fill its row (a block copy when every position lists K ids) with the shared value, the valued entries'
+        values are scattered over it, and the top-1 is swapped into slot 0."""
         K, N = self.top_k, len(counts)
         deltas, _ = _unpack(*parts["dictionary"], self.id_width, where, "dictionary")
         dictionary = np.cumsum(deltas, dtype=np.int64)                                          # (D,)
         if (deltas[1:] == 0).any() or dictionary[-1:].max(initial=0) >= self.vocab_size:
             raise CacheError(f"{where}: field 'dictionary' is not a set of ids below vocab_size={self.vocab_size}")
-        index, _ = _unpack(*parts["ids"], _index_width(len(dictionary)), where, "ids")        # (n,)
-        if index.max(initial=0) >= max(len(dictionary), 1):
-            raise CacheError(f"{where}: field 'ids' points past the {len(dictionary)} ids of the dictionary")
-        flat_ids = dictionary[index] if len(dictionary) else index                              # (n,)
-        values = _concat(*parts["values"])                                                      # (n,) uint8
+        index, _ = _unpack(*parts["ids"], _index_width(len(dictionary)), where, "ids")        # (l,) sorted lists
+        valued_at, _ = _unpack(*parts["valued_at"], self.count_width, where, "valued_at")     # (n,)
+        (v_offsets, v_data), targets = parts["values"], _concat(*parts["targets"])
+        increments = _concat(v_offsets, v_data)                                                 # (n,) uint8
         shared = _concat(*parts["shared"])                                                      # (N,) uint8
         tail_code, _ = _unpack(*parts["tail"], 2, where, "tail")                              # (N,)
         slots, _ = _unpack(*parts["slots"], self.count_width, where, "slots")                 # (N,)
-        targets = _concat(*parts["targets"])
-        n = int(counts.sum())
-        if len(flat_ids) != n or len(values) != n or targets.size % 2:
-            raise CacheError(f"{where}: field 'ids', 'values' or 'targets' does not match the counts")
+        n, n_listed = int(valued.sum()), int(counts.sum())
+        if len(index) != n_listed or len(valued_at) != n or len(increments) != n or targets.size % 2:
+            raise CacheError(f"{where}: field 'ids', 'valued_at', 'values' or 'targets' does not match the counts")
         if len(shared) != N or len(tail_code) != N or len(slots) != N:
             raise CacheError(f"{where}: field 'shared', 'tail' or 'slots' does not match the rows' lengths")
-        codes = np.where(values == SHARED, np.repeat(shared, counts), values)                  # (n,)
-        if n and codes.max() > MAX_CODE:
+        if index.max(initial=0) >= max(len(dictionary), 1):
+            raise CacheError(f"{where}: field 'ids' points past the {len(dictionary)} ids of the dictionary")
+        listed_ids = dictionary.astype(np.int32)[index]                                        # (l,)
+        if (valued_at >= np.repeat(counts, valued)).any():
+            raise CacheError(f"{where}: field 'valued_at' points past its position's ids")
+        codes = np.empty(n, np.uint8)                                                           # (n,) depth codes
+        for a, b in zip(v_offsets[:-1] - v_offsets[0], v_offsets[1:] - v_offsets[0]):          # per row
+            np.cumsum(increments[a:b], dtype=np.uint8, out=codes[a:b])
+        if max(codes.max(initial=0), shared.max(initial=0)) > MAX_CODE:
             raise CacheError(f"{where}: field 'values' or 'shared' holds a depth code above {MAX_CODE}")
         live = counts > 0                                                                       # (N,)
-        starts = np.cumsum(counts) - counts                                                     # (N,)
-        head = np.zeros(N, np.float32)                                                          # (N,) sum p_j / p_1
+        head = np.zeros(N, np.float64)                                                          # (N,) sum p_j / p_1
         if n:
-            head[live] = np.add.reduceat(EXP_DEPTH[codes], starts[live])
+            head[live] = np.add.reduceat(EXP_DEPTH[codes], (np.cumsum(valued) - valued)[live])
+        head += (counts - valued) * EXP_DEPTH[shared]
         tail_rel = np.where(tail_code > 0, np.exp(tail_code / TAIL_STEP - 128.0), 0.0)         # (N,) tail / p_1
         norm = np.log(np.where(live, head + tail_rel, 1.0)).astype(np.float32)                 # (N,) -log p_1
-        dest = np.arange(n) + np.repeat(np.arange(N) * K - starts, counts)                     # (n,) flat (N, K) slots
-        ids = np.zeros(N * K, np.int32)
-        ids[dest] = flat_ids
-        lp = np.full(N * K, -np.inf, np.float32)
-        lp[dest] = -DEPTH[codes] - np.repeat(norm, counts)
-        ids, lp = ids.reshape(N, K), lp.reshape(N, K)
+        col = np.arange(K)
+        ids = np.zeros((N, K), np.int32)
+        lp = np.full((N, K), -np.inf, np.float32)
+        full = counts == K                                                                      # (N,) the usual case
+        if full.sum() == live.sum():
+            ids[full] = listed_ids.reshape(-1, K)
+            lp[full] = (-DEPTH[shared] - norm)[full, None]
+        else:
+            in_list = col < counts[:, None]                                                     # (N, K)
+            ids[in_list] = listed_ids
+            lp[in_list] = np.repeat(-DEPTH[shared] - norm, counts)
+        at = np.repeat(np.arange(N) * K, valued) + valued_at                                   # (n,) flat (N, K)
+        lp.reshape(-1)[at] = -DEPTH[codes] - np.repeat(norm, valued)
+        picked = np.zeros(N * K, bool)
+        picked[at] = True
+        if int(picked.sum()) != n:
+            raise CacheError(f"{where}: field 'valued_at' does not pick distinct ids of a position")
         inside = slots < np.minimum(counts, self.no_slot)                                      # (N,)
         target = np.full(N, np.nan, np.float32)                                                 # (N,)
         if int((~inside & live).sum()) * 2 != targets.size:
@@ -229,4 +254,8 @@ class TopkV3:
                              f"{int((~inside & live).sum())}")
         target[inside] = lp[inside, slots[inside]]
         target[~inside & live] = targets.view("<f2")
+        top = np.flatnonzero(live)                                                              # the top-1 first
+        j = valued_at[(np.cumsum(valued) - valued)[live]].astype(np.int64)                     # (N',) its place
+        for a in (ids, lp):
+            a[top, 0], a[top, j] = a[top, j], a[top, 0]
         return {"topk_ids": ids, "topk_logprobs": lp, "target_logprobs": target}

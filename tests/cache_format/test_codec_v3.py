@@ -17,36 +17,74 @@ from tests.cache_format.test_codec_v2 import depth_error_bound, full_row, roundt
 from tests.helpers import write_synthetic_cache
 
 
-def by_id(ids: np.ndarray, values: np.ndarray, n: np.ndarray):
-    """The first n[t] entries of each position, re-ordered by ascending id: (ids, values), padding last."""
-    listed = np.arange(ids.shape[1]) < n[:, None]
+def v3_order(ids: np.ndarray, values: np.ndarray, listed: np.ndarray):
+    """Entries of a v1/v2 decode (descending log-prob, `listed` first) in topk-v3's decoded order: ascending id,
+    then the top-1 swapped into slot 0."""
     order = np.argsort(np.where(listed, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1), listed
+    ids, values = np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
+    j = np.argmax(order == 0, axis=1)                                             # where the top-1 went
+    rows = np.arange(len(ids))
+    for a in (ids, values):
+        a[rows, 0], a[rows, j] = a[rows, j], a[rows, 0].copy()
+    return ids, values
 
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, 24), K=st.integers(1, 40), scale=st.floats(0.1, 6.0))
-def test_roundtrip_without_rule_is_v2s_entries_in_id_order(seed, T, K, scale):
-    """No rule: every listed id keeps its own code; the entries are topk-v2's (same ids, same error bound), each
-    position's in ascending id order, padding after them."""
+def test_roundtrip_without_rule_is_v2s_decode_in_id_order(seed, T, K, scale):
+    """No rule: every listed id keeps its own code, and the decode is topk-v2's (so within v2's error bounds,
+    test_codec_v2) in v3's order: the top-1 in slot 0, the other ids ascending, padding last."""
     rng = np.random.default_rng(seed)
     row, _ = full_row(rng, T, K, 64, scale)
     (got,) = roundtrip(TopkV3(top_k=K, vocab_size=64), [row])
     (ref,) = roundtrip(TopkV2(top_k=K, vocab_size=64), [row])
-    lp = row["topk_logprobs"][:-1].astype(np.float64)                             # (T-1, K) exact
-    n = np.isfinite(ref["topk_logprobs"][:-1]).sum(1)                            # (T-1,) v2's kept counts
-    ids, dlp, listed = by_id(row["topk_ids"][:-1].astype(np.int64), ref["topk_logprobs"][:-1], n)
-    assert got["topk_ids"].shape == (T, K) and got["topk_ids"].dtype == np.int32
-    np.testing.assert_array_equal(got["input_ids"], row["input_ids"])
-    np.testing.assert_array_equal(np.where(listed, got["topk_ids"][:-1], 0), np.where(listed, ids, 0))
-    assert (np.diff(np.where(listed, got["topk_ids"][:-1], 1 << 30), axis=1) > 0).all()          # ascending ids
-    assert (got["topk_ids"][:-1][~listed] == 0).all() and np.isneginf(got["topk_logprobs"][:-1][~listed]).all()
-    np.testing.assert_allclose(np.where(listed, got["topk_logprobs"][:-1], 0), np.where(listed, dlp, 0), atol=1e-5)
-    _, exact, _ = by_id(row["topk_ids"][:-1].astype(np.int64), lp, n)
-    _, bound, _ = by_id(row["topk_ids"][:-1].astype(np.int64), depth_error_bound(lp), n)   # bounds follow the ids
-    slack = np.where(listed, bound, 0).max(1, keepdims=True) + 1 / 512 + 1e-5
-    assert (np.abs(np.where(listed, got["topk_logprobs"][:-1] - exact, 0)) <= bound + slack).all()
+    assert got["topk_ids"].dtype == np.int32 and got["topk_logprobs"].dtype == np.float32
+    np.testing.assert_array_equal(got["input_ids"], ref["input_ids"])
+    listed = np.isfinite(ref["topk_logprobs"])
+    ids, lps = v3_order(ref["topk_ids"].astype(np.int64), ref["topk_logprobs"], listed)
+    np.testing.assert_array_equal(np.where(listed, got["topk_ids"], 0), np.where(listed, ids, 0))
+    np.testing.assert_allclose(got["topk_logprobs"], lps, atol=1e-5)
     np.testing.assert_allclose(got["target_logprobs"], ref["target_logprobs"], atol=1e-5)
+    live = listed[:, 0]
+    assert (got["topk_logprobs"][live, :1] >= got["topk_logprobs"][live] - 1e-6).all()   # the top-1 first
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.integers(2, 24), K=st.integers(2, 40), scale=st.floats(0.1, 6.0),
+       budget=st.sampled_from([1e-4, 1e-3, 1e-2, 1e-1]))
+def test_roundtrip_with_shared_ids(seed, T, K, scale, budget):
+    """With a rule: the listed ids are v2's, in v3's order; the first k_t by log-prob keep their value within v2's
+    bound, the others share one value that is never above the last valued one and that carries their true mass;
+    the target is decoded where it is a valued entry, float16 elsewhere."""
+    rng = np.random.default_rng(seed)
+    row, _ = full_row(rng, T, K, 64, scale)
+    (got,) = roundtrip(TopkV3(top_k=K, vocab_size=64, kl_budget=budget), [row])
+    (ref,) = roundtrip(TopkV2(top_k=K, vocab_size=64), [row])
+    listed = np.isfinite(ref["topk_logprobs"])
+    np.testing.assert_array_equal(np.isfinite(got["topk_logprobs"]), listed)
+    lp = row["topk_logprobs"].astype(np.float64)
+    valued = value_counts(lp[:-1], listed[:-1].sum(1), 64, budget, None)         # (T-1,)
+    is_valued = np.arange(K) < np.append(valued, 0)[:, None]                     # (T, K) in log-prob order
+    ids, exact = v3_order(row["topk_ids"].astype(np.int64), lp, listed)
+    _, bound = v3_order(row["topk_ids"].astype(np.int64), np.vstack([depth_error_bound(lp[:-1]), np.zeros((1, K))]),
+                        listed)
+    _, where_valued = v3_order(row["topk_ids"].astype(np.int64), is_valued, listed)
+    np.testing.assert_array_equal(np.where(listed, got["topk_ids"], 0), np.where(listed, ids, 0))
+    dlp = got["topk_logprobs"].astype(np.float64)
+    slack = np.where(listed, bound, 0).max(1, keepdims=True) + 1 / 512 + 1e-5
+    with np.errstate(invalid="ignore"):                                           # -inf - -inf in padding
+        assert (np.abs(np.where(where_valued, dlp - exact, 0)) <= bound + slack + 2 * budget).all()
+    shared = listed & ~where_valued
+    for t in range(T - 1):
+        assert len(np.unique(dlp[t][shared[t]])) <= 1                               # one value
+        assert dlp[t][shared[t]].max(initial=-np.inf) <= dlp[t][where_valued[t]].min() + 1e-5
+    mass_true = np.where(shared, np.exp(exact), 0).sum(1)                         # what the shared ids carry
+    mass_dec = np.where(shared, np.exp(np.where(shared, dlp, -np.inf)), 0).sum(1)
+    assert (np.abs(mass_dec - mass_true) <= mass_true * (np.exp(4 * slack[:, 0] + 0.02) - 1) + 1e-5).all()
+    t, tt = got["target_logprobs"][:-1], row["target_logprobs"][:-1]
+    inside = ((row["topk_ids"][:-1] == row["input_ids"][1:, None]) & is_valued[:-1]).any(1)
+    assert (np.abs(t - tt) <= np.where(inside, bound.max(1)[:-1] + slack[:-1, 0] + 2 * budget,
+                                       np.abs(tt) * 2**-10 + 1e-6)).all()
     assert np.isneginf(got["topk_logprobs"][-1]).all() and np.isnan(got["target_logprobs"][-1])
 
 
@@ -100,8 +138,9 @@ def test_flat_part_costs_less_and_keeps_the_mass():
     row, logp = full_row(rng, 30, 48, 1000, scale=0.3)
     codec = TopkV3(top_k=48, vocab_size=1000, kl_scale=0.015)
     table = codec.encode([row])
-    values = np.frombuffer(table.column("values")[0].as_py(), np.uint8)
-    assert (values == 255).mean() > 0.5
+    valued = np.frombuffer(table.column("valued")[0].as_py(), np.uint8)
+    listed = np.frombuffer(table.column("counts")[0].as_py(), np.uint8)
+    assert valued.sum() < 0.5 * listed.sum()
     (got,) = roundtrip(codec, [row])
     dlp = got["topk_logprobs"][:-1].astype(np.float64)
     listed = np.isfinite(dlp)
@@ -158,10 +197,12 @@ def test_v3_cache_on_disk_reads_and_verifies_and_corruption_is_refused(tmp_path)
 
 
 @pytest.mark.parametrize("field,blob,match", [
-    ("values", b"\xfe" * 3, "'ids', 'values' or 'targets'"),
+    ("values", b"\xfe" * 3, "'ids', 'valued_at', 'values' or 'targets'"),
     ("shared", b"\x01", "'shared', 'tail' or 'slots'"),
     ("counts", b"\x09" * 6, "'counts'"),
-    ("targets", b"\x00", "'ids', 'values' or 'targets'"),
+    ("valued", b"\x05" * 6, "'valued'"),
+    ("valued_at", b"\x00" * 20, "'valued_at'"),
+    ("targets", b"\x00", "'ids', 'valued_at', 'values' or 'targets'"),
 ])
 def test_corrupt_fields_are_named_by_the_reader(field, blob, match):
     rng = np.random.default_rng(5)
@@ -201,10 +242,9 @@ def test_corrupted_model_tables_are_refused_by_the_reader_and_verify(tmp_path, c
     path = tmp_path / "c" / entry["path"]
     table = pq.read_table(path)
     if corrupt == "codes":
-        values = np.frombuffer(table.column("values")[0].as_py(), np.uint8).copy()
         shared = np.frombuffer(table.column("shared")[0].as_py(), np.uint8).copy()
-        values[0], shared[0] = 255, 255                                           # SHARED -> a code of 255
-        table = with_first_row(with_first_row(table, "values", values.tobytes()), "shared", shared.tobytes())
+        shared[0] = 255                                                           # beyond the quantiser's reach
+        table = with_first_row(table, "shared", shared.tobytes())
     else:
         deltas = dictionary_of(table)                                             # 1-byte ids (V = 64)
         if corrupt == "dictionary repeats an id":

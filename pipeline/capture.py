@@ -40,7 +40,7 @@ log = logging.getLogger("kdcache")
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int(sha256(f'{seed}:{text}')[:16], 16) / 2**64 < val_fraction else train"
 WRITE_AHEAD = 2             # engine batches that may wait for the writer thread
-DEFAULT_KL_SCALE = 0.015    # v2/v3 rule when no --top-p, --kl-budget or --kl-scale is given (docs/benchmarks.md)
+DEFAULT_KL_SCALE = {"v2": 0.015, "v3": 0.013}   # the rule when no --top-p/--kl-budget/--kl-scale (docs/benchmarks.md)
 # options that change how the engine runs, not what the cache holds (at most float rounding: model parallelism,
 # vLLM's output path): a re-run may change them freely
 PROBE_ROWS, PROBE_TOKENS = 4, 128     # the rows on which vLLM's hidden-states output is checked (VLLMTeacher)
@@ -58,8 +58,9 @@ class CaptureConfig:
     out: str
     backend: str | None = None          # None: vllm when it can run, else hf
     top_k: int = 64                     # the cap on entries per position (topk targets)
-    codec: str = "v2"                   # "v2": topk-v2 (quantised, adaptive k); "v3": topk-v3 (sorted ids, shared
-                                        # codes for the flat part); "v1": topk-v1 (int32 + float32)
+    codec: str | None = None            # "v3": topk-v3 (sorted ids, one code for the flat part); "v2": topk-v2
+                                        # (quantised, adaptive k); "v1": topk-v1 (int32 + float32); None: v3, or v2
+                                        # for --targets sampled and --top-p (see codec_name)
     top_p: float | None = None          # v2 rule: keep the smallest prefix with this mass
     kl_budget: float | None = None      # v2 rule: extra KL (nats) allowed per position
     kl_scale: float | None = None       # v2 rule: the same, kl_scale x the row's truncation-KL bound; the default
@@ -123,7 +124,7 @@ class CaptureConfig:
              f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}"),
             (len(self.data) > 0, "no --data given (use --data DOMAIN=PATH, repeatable)"),
             (len({d.domain for d in self.data}) == len(self.data), "a domain is given twice in --data"),
-            (self.codec in ("v1", "v2", "v3"), f"--codec must be v1, v2 or v3, got {self.codec!r}"),
+            (self.codec in (None, "v1", "v2", "v3"), f"--codec must be v1, v2 or v3, got {self.codec!r}"),
             (self.targets in ("topk", "sampled"), f"--targets must be topk or sampled, got {self.targets!r}"),
             (self.vllm_output in ("auto", "hidden", "logprobs"),
              f"--vllm-output must be auto, hidden or logprobs, got {self.vllm_output!r}"),
@@ -131,9 +132,9 @@ class CaptureConfig:
             (self.kl_budget is None or self.kl_budget >= 0, f"--kl-budget must be >= 0, got {self.kl_budget}"),
             (self.kl_scale is None or self.kl_scale >= 0, f"--kl-scale must be >= 0, got {self.kl_scale}"),
             (0 < self.samples <= 255, f"--samples must be in 1..255, got {self.samples}"),
-            (self.codec != "v1" or (self.kl_budget is None and self.kl_scale is None),
+            (self.codec_name != "v1" or (self.kl_budget is None and self.kl_scale is None),
              "--kl-budget and --kl-scale need --codec v2 or v3"),
-            (self.codec == "v2" or (self.targets == "topk" and self.top_p is None),
+            (self.codec_name == "v2" or (self.targets == "topk" and self.top_p is None),
              "--targets sampled and --top-p need --codec v2"),
             (self.targets == "topk" or self.backend != "vllm",
              "--targets sampled needs the full distribution: use --backend hf (vLLM returns only the top-k)"),
@@ -148,13 +149,20 @@ class CaptureConfig:
         """K, the entries per position in the cache: --top-k, or --samples for sampled targets."""
         return self.samples if self.targets == "sampled" else self.top_k
 
+    @property
+    def codec_name(self) -> str:
+        """--codec, else v3, or v2 where only v2 can store what is asked (sampled targets, a top-p rule)."""
+        if self.codec is not None:
+            return self.codec
+        return "v2" if self.targets == "sampled" or self.top_p is not None else "v3"
+
     def make_codec(self, vocab_size: int) -> TopkV1 | TopkV2 | TopkV3:
-        if self.codec == "v1":
+        if self.codec_name == "v1":
             return TopkV1(top_k=self.top_k)
         rule = {"top_p": self.top_p, "kl_budget": self.kl_budget, "kl_scale": self.kl_scale}
         if not any(v is not None for v in rule.values()):
-            rule["kl_scale"] = DEFAULT_KL_SCALE
-        if self.codec == "v3":
+            rule["kl_scale"] = DEFAULT_KL_SCALE[self.codec_name]
+        if self.codec_name == "v3":
             return TopkV3(top_k=self.top_k, vocab_size=vocab_size, kl_budget=rule["kl_budget"],
                           kl_scale=rule["kl_scale"])
         return TopkV2(top_k=self.width, vocab_size=vocab_size, targets=self.targets, samples=self.samples,
@@ -163,7 +171,7 @@ class CaptureConfig:
     @property
     def token_bytes_bound(self) -> int:
         """Bytes per token before compression: K entries of 8 (v1) or about 3 (v2, v3) bytes, plus 8."""
-        return (8 if self.codec == "v1" else 3) * self.width + 8
+        return (8 if self.codec_name == "v1" else 3) * self.width + 8
 
     @property
     def rows_per_shard(self) -> int:
@@ -305,7 +313,7 @@ def plan_capture(cfg: CaptureConfig) -> dict:
                            f"(host RAM on CPU)",
                    "served": f"{len(cfg.teacher_url)} vLLM server(s), up to {cfg.max_concurrency} requests each"
                    }.get(cfg.backend, f"{cfg.backend}, dtype {cfg.dtype}"),
-        "codec": f"{cfg.codec}, k {cfg.width}, seq_len {cfg.seq_len}, {R} rows per shard",
+        "codec": f"{cfg.codec_name}, k {cfg.width}, seq_len {cfg.seq_len}, {R} rows per shard",
         "records": f"--format {cfg.format}, --train-on {cfg.train_on}, packing {cfg.packing}",
         "domains": domains,
         "tokens": tokens,
@@ -369,6 +377,7 @@ def _identity(cfg: CaptureConfig, tokenizer, reading: Reading, source: TeacherSo
     served teacher its top-k on a probe), the data files, and the chat template that renders conversations (its
     sha256; None when there is none)."""
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
+    identity["codec"] = cfg.codec_name                                      # the default is named (v3 today)
     identity["teacher_fingerprint"] = source.fingerprint
     identity["data_fingerprint"] = {spec.domain: files_fingerprint(resolve_files(spec)) for spec in cfg.data}
     try:

@@ -71,14 +71,14 @@ _capture = functools.partial(config_option, CaptureConfig)     # an option whose
 @_capture("out", str, "Cache directory or URL (s3://, gs://) to write (re-running the same command resumes).")
 @_capture("backend", click.Choice(["vllm", "hf"]), "Default: vllm if it can run, else hf.")
 @_capture("top_k", int, "Entries per position (v2: the cap).")
-@_capture("codec", click.Choice(["v2", "v3", "v1"]), "v2: quantised log-probs, adaptive k; v3: v2's quantiser with "
-          "sorted ids and one shared code for the flat part of each position, ~40 % smaller at the same KL, entries "
-          "in id order; v1: plain int32 ids + float32 log-probs.")
+@_capture("codec", click.Choice(["v3", "v2", "v1"]), "v3 (default): quantised log-probs, the whole top-k listed in "
+          "sorted order, one shared value for its flat part; v2: quantised, adaptive k (the default for --targets "
+          "sampled and --top-p); v1: plain int32 ids + float32 log-probs.")
 @_capture("top_p", float, "v2: keep the smallest prefix with this probability mass.")
 @_capture("kl_budget", float, "v2/v3: keep the fewest entries whose extra KL vs --top-k entries is <= this (nats per "
           "position).")
 @_capture("kl_scale", float, "v2/v3: the same with a budget per row of this times the row's mean bound on the top-k "
-          "truncation KL. The default rule (0.015) when no --top-p/--kl-budget/--kl-scale is given.")
+          "truncation KL. The default rule (v3: 0.013, v2: 0.015) when no --top-p/--kl-budget/--kl-scale is given.")
 @_capture("targets", click.Choice(["topk", "sampled"]), "sampled: store --samples draws from the teacher "
           "(Random-Sampling KD, unbiased); needs hf.")
 @_capture("samples", int, "Draws per position with --targets sampled.")

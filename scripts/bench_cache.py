@@ -1,27 +1,30 @@
 """Cache size and fidelity per codec setting, and reader speed (docs/benchmarks.md, "Cache size and fidelity").
 
-    python scripts/bench_cache.py [--tokens 16384] [--teachers ref,4k,4k-in-150k,150k] [--work build/bench-cache]
+    python scripts/bench_cache.py [--tokens 131072] [--teachers ref,4k,...] [--work build/bench-cache]
 
 For each teacher, rows of its corpus go through the teacher once (HF, float32, full log_softmax); every setting
-then encodes the same positions into a real Parquet shard (cache_format.ShardWriter, zstd level 3) and decodes it:
+then encodes the same positions into a real Parquet shard as capture writes it (cache_format.ShardWriter at the
+codec's zstd level, rows of 1,024 tokens, 64 rows = 65,536 tokens per row group) and decodes it:
     bytes/token  shard size on disk / tokens (input ids, targets, everything)
     KL           mean over positions of KL(full teacher || decoded cache), the decoded tail mass spread uniformly
-                 over the ids not stored (the decoded tail of topk-v2 is the stored tail mass)
+                 over the ids not stored (order-free: any codec's entry order)
 Settings: exact top-k at full precision (topk-v1: int32 + float32; k = 16, 32, 64, 128), topk-v2 (quantisation only,
---kl-budget, --top-p), sampled targets (bytes only: their fidelity is statistical, see tests/trainer), and a
-DistillKit-like layout (bf16 logprobs, ids bit-packed to ceil(log2 V) bits, zstd) as the reference.
-Teachers:
-    ref   the reference teacher of scripts/train_reference_teacher.py (vocab 1024, trained on the structured
-          4-domain corpus) from build/bench-quality/{teacher,corpus}; rows from the end of each corpus file
-    4k    a tiny Llama (d=128, 2 layers) trained 800 steps on Python standard-library sources with a 4096-token BPE
-    4k-in-150k  the 4k teacher embedded in a 151936-id vocabulary (its ids moved by a fixed random permutation,
-          the other ids at probability 0): realistic distributions with real-size id statistics
-    150k  the same as 4k with vocab 151936 (a BPE trained to at most that size, the output layer padded to 151936),
-          only 60 steps (CPU time): under-trained, its distributions are flatter than a real model's
-The 4k and 150k teachers are built by this script when missing (build_code_teacher, minutes on CPU).
-Reader speed (ref and 4k): the default setting's shard, rows of 1024 tokens replicated to --speed-tokens tokens,
-read + decoded on one thread (process CPU time), also topk-v1 for comparison. Prints a table, writes
-docs/cache_size_fidelity.png and build/bench-cache/results.json, and a final JSON line.
+its default, --kl-budget, --top-p), topk-v3 (no rule, --kl-scale sweep, its default at zstd 3 and 19, k = 128),
+sampled targets (bytes only: their fidelity is statistical, see tests/trainer), and a DistillKit-like layout (bf16
+logprobs, ids bit-packed to ceil(log2 V) bits, zstd) as the reference.
+Teachers (no downloads; the 4k ones are built by this script when missing, minutes on CPU):
+    ref          the reference teacher of scripts/train_reference_teacher.py (vocab 1024, trained on the structured
+                 4-domain corpus) from build/bench-quality/{teacher,corpus}; rows from the end of each corpus file.
+                 Confident: low entropy.
+    4k           a tiny Llama (d=128, 2 layers) trained 800 steps on Python standard-library sources with a
+                 4096-token BPE, measured on held-out stdlib files
+    4k-early     the same after 120 steps: a high-entropy teacher (about 5.5 nats)
+    X-in-N       teacher X embedded in an N-id vocabulary (its ids moved by a fixed random permutation, the other
+                 ids at probability 0): its distributions with real-size id statistics (152k = 151,936, 262k = 262,144)
+    150k         (not in the default list) vocab 151936, only 60 steps: little more than a unigram model
+Reader speed: each default setting's shard (and topk-v1's) with the rows repeated to --speed-tokens tokens, read +
+decoded on one thread (process CPU time). Prints a table, writes docs/cache_size_fidelity.png and
+build/bench-cache/results.json, and a final JSON line.
 """
 
 import argparse
@@ -39,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 SEQ_LEN = 128
+JOIN = 8                    # bench rows per cache row: rows of 1,024 tokens, as capture writes by default
 
 
 def stdlib_texts(max_bytes: int, skip_bytes: int = 0) -> list[str]:
@@ -141,20 +145,24 @@ def teacher_pass(teacher: Path, rows: np.ndarray, samples: int, batch: int = 8) 
 
 
 def as_rows(t: dict, rows: np.ndarray, ids: np.ndarray, lp: np.ndarray) -> list[dict]:
-    """Per-position (P, K) arrays -> cache rows of SEQ_LEN positions (the last one empty)."""
+    """Per-position (P, K) arrays -> cache rows as capture writes them: every JOIN rows of SEQ_LEN tokens joined
+    into one row of JOIN * SEQ_LEN (the default --seq-len 1024), each part's last position empty."""
     K, L = ids.shape[1], SEQ_LEN - 1
-    out = []
+    parts = []
     for r in range(len(rows)):
         sl = slice(r * L, (r + 1) * L)
-        out.append({"row_index": r, "domain": "bench", "input_ids": rows[r].astype(np.int32),
-                    "topk_ids": np.concatenate([ids[sl], np.zeros((1, K), np.int32)]).astype(np.int32),
-                    "topk_logprobs": np.concatenate([lp[sl], np.full((1, K), -np.inf, np.float32)]),
-                    "target_logprobs": np.append(t["target"][sl], np.float32(np.nan)).astype(np.float32)})
-    return out
+        parts.append({"input_ids": rows[r].astype(np.int32),
+                      "topk_ids": np.concatenate([ids[sl], np.zeros((1, K), np.int32)]).astype(np.int32),
+                      "topk_logprobs": np.concatenate([lp[sl], np.full((1, K), -np.inf, np.float32)]),
+                      "target_logprobs": np.append(t["target"][sl], np.float32(np.nan)).astype(np.float32)})
+    return [{"row_index": i // JOIN, "domain": "bench",
+             **{k: np.concatenate([p[k] for p in parts[i:i + JOIN]]) for k in parts[0]}}
+            for i in range(0, len(parts), JOIN)]
 
 
-def write_read(codec, rows: list[dict], path: Path, level: int = 3) -> tuple[int, list[dict]]:
-    """Encode into a real shard, read it back through pyarrow + the codec: (bytes on disk, decoded rows)."""
+def write_read(codec, rows: list[dict], path: Path, level: int | None = None) -> tuple[int, list[dict]]:
+    """Encode into a real shard (64 rows per row group, as capture writes them), read it back through pyarrow +
+    the codec: (bytes on disk, decoded rows). level None: the codec's zstd level."""
     import pyarrow.parquet as pq
 
     from cache_format import ShardWriter
@@ -168,17 +176,24 @@ def write_read(codec, rows: list[dict], path: Path, level: int = 3) -> tuple[int
 
 
 def mean_kl(t: dict, decoded: list[dict]) -> float:
-    """Mean KL(full || decoded) over positions; decoded ids must be a prefix of the teacher's top-128 in order."""
-    ids = np.concatenate([d["topk_ids"][:-1] for d in decoded])                 # (P, K)
-    dlp = np.concatenate([d["topk_logprobs"][:-1] for d in decoded]).astype(np.float64)
+    """Mean KL(full || decoded) over positions, the decoded tail spread uniformly over the ids not stored. Order-free:
+    each position's decoded ids must be the first k of the teacher's top-128 as a set (any codec's order)."""
+    ids = np.concatenate([d["topk_ids"] for d in decoded]).astype(np.int64)          # (P', K)
+    dlp = np.concatenate([d["topk_logprobs"] for d in decoded]).astype(np.float64)
+    live = np.isfinite(dlp[:, 0])                                                     # positions with a distribution
+    ids, dlp = ids[live], dlp[live]                                                   # (P, K), in t's order
     K = ids.shape[1]
     valid = np.isfinite(dlp)
-    assert (np.where(valid, ids == t["ids"][:, :K], True)).all(), "decoded ids are not the top-k prefix"
-    p = np.where(valid, np.exp(t["lp"][:, :K].astype(np.float64)), 0.0)         # (P, K) true probs
+    k = valid.sum(1)                                                                  # (P,)
+    top = np.where(np.arange(K) < k[:, None], t["ids"][:, :K].astype(np.int64), -1)     # the teacher's first k
+    a, b = np.argsort(np.where(valid, ids, 1 << 40), 1), np.argsort(np.where(top >= 0, top, 1 << 40), 1)
+    assert (np.where(valid, np.take_along_axis(ids, a, 1) == np.take_along_axis(top, b, 1), True)).all(), \
+        "decoded ids are not the teacher's top-k"
+    q = np.take_along_axis(dlp, a, 1)                                                  # decoded, by id
+    p = np.where(valid, np.exp(np.take_along_axis(t["lp"][:, :K].astype(np.float64), b, 1)), 0.0)   # true, by id
     tail_true = np.clip(1.0 - p.sum(1), 0.0, None)
-    tail_dec = np.clip(1.0 - np.exp(dlp).sum(1), 1e-30, None)
-    cross = np.where(valid, p * np.where(valid, dlp, 0.0), 0.0).sum(1) \
-        + tail_true * np.log(tail_dec / (t["vocab"] - valid.sum(1)))
+    tail_dec = np.clip(1.0 - np.exp(np.where(valid, q, -np.inf)).sum(1), 1e-30, None)
+    cross = np.where(valid, p * np.where(valid, q, 0.0), 0.0).sum(1) + tail_true * np.log(tail_dec / (t["vocab"] - k))
     return float(np.mean(t["negent"] - cross))
 
 
@@ -205,10 +220,9 @@ def distillkit_like(t: dict, rows: np.ndarray, k: int, path: Path) -> tuple[int,
     return path.stat().st_size, mean_kl(t, rows_dec)
 
 
-def reader_speed(codec, rows: list[dict], path: Path, tokens: int, join: int = 8) -> float:
-    """Decoded tokens/s (process CPU time, one thread, best of 3) over a shard of `tokens` tokens: Parquet read +
-    decode into (T, K) arrays. Every `join` bench rows are concatenated into one row (T = 1016 + 8: rows as long
-    as capture's default --seq-len 1024), 64 rows per row group as capture writes them."""
+def reader_speed(codec, rows: list[dict], path: Path, tokens: int) -> float:
+    """Decoded tokens/s (process CPU time, one thread, best of 3) over a shard of about `tokens` tokens (the bench
+    rows repeated): Parquet read + decode into (T, K) arrays, rows of 1,024 tokens, 64 per row group."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -216,13 +230,10 @@ def reader_speed(codec, rows: list[dict], path: Path, tokens: int, join: int = 8
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    keys = ("input_ids", "topk_ids", "topk_logprobs", "target_logprobs")
-    long_rows = [{"domain": "bench", **{k: np.concatenate([r[k] for r in rows[i:i + join]]) for k in keys}}
-                 for i in range(0, len(rows) - join + 1, join)]
-    reps = max(1, tokens // sum(len(r["input_ids"]) for r in long_rows))
+    reps = max(1, tokens // sum(len(r["input_ids"]) for r in rows))
     w = ShardWriter(path.parent, path.name, codec, row_group_rows=64)
-    for i in range(reps * len(long_rows)):
-        w.write({**long_rows[i % len(long_rows)], "row_index": i})
+    for i in range(reps * len(rows)):
+        w.write({**rows[i % len(rows)], "row_index": i})
     w.close()
     best = math.inf
     for _ in range(3):
@@ -244,26 +255,29 @@ def scatter_vocab(t: dict, rows: np.ndarray, vocab: int) -> tuple[dict, np.ndarr
 
 def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_tokens: int,
                   scatter_to: int | None = None) -> dict:
-    from cache_format import TopkV1, TopkV2
-    from pipeline.capture import DEFAULT_KL_SCALE as S
+    from cache_format import TopkV1, TopkV2, TopkV3
+    from pipeline.capture import DEFAULT_KL_SCALE
 
-    rows = corpus_rows(teacher, name.split("-")[0], tokens)
+    S2, S3 = DEFAULT_KL_SCALE["v2"], DEFAULT_KL_SCALE["v3"]
+    rows = corpus_rows(teacher, name.split("-in-")[0].split("-")[0], tokens)
     t0 = time.perf_counter()
     t = teacher_pass(teacher, rows, samples=50)
     if scatter_to:
         t, rows = scatter_vocab(t, rows, scatter_to)
     V, n_tok = t["vocab"], rows.size
-    print(f"[{name}] vocab {V}, {n_tok} tokens, teacher pass {time.perf_counter() - t0:.0f}s; "
-          f"exact top-1 mass {np.exp(t['lp'][:, 0]).mean():.3f}", flush=True)
+    entropy = float(-t["negent"].mean())
+    print(f"[{name}] vocab {V}, {n_tok} tokens, teacher pass {time.perf_counter() - t0:.0f}s; mean entropy "
+          f"{entropy:.2f} nats, top-1 mass {np.exp(t['lp'][:, 0]).mean():.3f}", flush=True)
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     results = []
 
-    def run(label: str, kind: str, codec, k: int, level: int = 3, **extra):
+    def run(label: str, kind: str, codec, k: int, level: int | None = None, **extra):
         ids, lp = (t["s_ids"], t["s_lp"]) if kind == "sampled" else (t["ids"][:, :k], t["lp"][:, :k])
         size, dec = write_read(codec, as_rows(t, rows, ids.astype(np.int32), lp), d / f"{label}.parquet", level)
         kl = None if kind == "sampled" else mean_kl(t, dec)
-        kept = float(np.mean([np.isfinite(x["topk_logprobs"][:-1]).sum(1).mean() for x in dec]))
+        kept = float(np.mean(np.concatenate([np.isfinite(x["topk_logprobs"]).sum(1) for x in dec])[
+            np.concatenate([np.isfinite(x["topk_logprobs"][:, 0]) for x in dec])]))
         results.append({"setting": label, "kind": kind, "k": k, "bytes_per_token": size / n_tok, "kl": kl,
                         "mean_kept": kept, **extra})
         print(f"  {label:<28} {size / n_tok:8.1f} B/token  KL {kl if kl is None else f'{kl:.5f}'}  "
@@ -271,19 +285,19 @@ def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_token
 
     for k in (16, 32, 64, 128):
         run(f"exact-top{k}", "exact", TopkV1(top_k=k), k)
-    for k in (16, 32, 64, 128):
-        run(f"v2-top{k}", "v2", TopkV2(top_k=k, vocab_size=V), k)
-    for b in (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
-        run(f"v2-top64-kl{b:g}", "v2", TopkV2(top_k=64, vocab_size=V, kl_budget=b), 64, kl_budget=b)
-    for p in (0.99, 0.999):
-        run(f"v2-top64-p{p:g}", "v2", TopkV2(top_k=64, vocab_size=V, top_p=p), 64, top_p=p)
-    for c in (0.005, S, 0.05):
-        run(f"v2-top64-scale{c:g}", "v2", TopkV2(top_k=64, vocab_size=V, kl_scale=c), 64, kl_scale=c)
-    for c in (S, 0.05, 0.15):
-        run(f"v2-top128-scale{c:g}", "v2", TopkV2(top_k=128, vocab_size=V, kl_scale=c), 128, kl_scale=c)
-    run("v2-top128-kl0.001", "v2", TopkV2(top_k=128, vocab_size=V, kl_budget=1e-3), 128, kl_budget=1e-3)
-    run(f"v2-top64-scale{S:g}-zstd19", "v2", TopkV2(top_k=64, vocab_size=V, kl_scale=S), 64, level=19, kl_scale=S,
-        zstd_level=19)
+    run("v2-top64", "v2", TopkV2(top_k=64, vocab_size=V), 64)
+    run(f"v2-top64-scale{S2:g}", "v2", TopkV2(top_k=64, vocab_size=V, kl_scale=S2), 64, kl_scale=S2)
+    run("v2-top64-kl0.001", "v2", TopkV2(top_k=64, vocab_size=V, kl_budget=1e-3), 64, kl_budget=1e-3)
+    run("v2-top64-p0.99", "v2", TopkV2(top_k=64, vocab_size=V, top_p=0.99), 64, top_p=0.99)
+    run("v3-top64", "v3", TopkV3(top_k=64, vocab_size=V), 64)
+    for c in (0.005, S3, 0.02, 0.03, 0.05):
+        run(f"v3-top64-scale{c:g}", "v3", TopkV3(top_k=64, vocab_size=V, kl_scale=c), 64, kl_scale=c)
+    run(f"v3-top64-scale{S3:g}-zstd3", "v3", TopkV3(top_k=64, vocab_size=V, kl_scale=S3), 64, level=3, kl_scale=S3,
+        zstd_level=3)
+    run(f"v3-top64-scale{S3:g}-zstd19", "v3", TopkV3(top_k=64, vocab_size=V, kl_scale=S3), 64, level=19,
+        kl_scale=S3, zstd_level=19)
+    for c in (S3, 0.05):
+        run(f"v3-top128-scale{c:g}", "v3", TopkV3(top_k=128, vocab_size=V, kl_scale=c), 128, kl_scale=c)
     run("v2-sampled50", "sampled", TopkV2(top_k=50, vocab_size=V, targets="sampled", samples=50), 50, samples=50)
     for k in (50, 64, 128):
         size, kl = distillkit_like(t, rows, k, d / f"distillkit-{k}.parquet")
@@ -291,18 +305,20 @@ def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_token
                         "bytes_per_token": size / n_tok, "kl": kl, "mean_kept": k})
         print(f"  {'distillkit-like-' + str(k):<28} {size / n_tok:8.1f} B/token  KL {kl:.5f}", flush=True)
     exact64 = next(r["kl"] for r in results if r["setting"] == "exact-top64")
-    default = next(r for r in results if r["setting"] == f"v2-top64-scale{S:g}")
-    out = {"teacher": name, "vocab": V, "tokens": n_tok, "results": results,
-           "default": {"bytes_per_token": default["bytes_per_token"], "kl": default["kl"],
-                       "kl_ratio_vs_exact64": default["kl"] / exact64}}
+    pick = lambda label: next(r for r in results if r["setting"] == label)  # noqa: E731
+    default, v2 = pick(f"v3-top64-scale{S3:g}"), pick(f"v2-top64-scale{S2:g}")
+    out = {"teacher": name, "vocab": V, "tokens": n_tok, "entropy_nats": entropy, "results": results,
+           "default": {"codec": "topk-v3", "bytes_per_token": default["bytes_per_token"], "kl": default["kl"],
+                       "kl_ratio_vs_exact64": default["kl"] / exact64},
+           "v2_default": {"bytes_per_token": v2["bytes_per_token"], "kl_ratio_vs_exact64": v2["kl"] / exact64}}
     if speed_tokens:
-        v2rows = as_rows(t, rows, t["ids"][:, :64].astype(np.int32), t["lp"][:, :64])
+        lp64 = as_rows(t, rows, t["ids"][:, :64].astype(np.int32), t["lp"][:, :64])
         out["reader_tokens_per_s"] = {
-            "topk-v2 default (k<=64)": reader_speed(TopkV2(top_k=64, vocab_size=V, kl_scale=S), v2rows,
-                                                    d / "speed-v2.parquet", speed_tokens),
-            "topk-v2 top64 (no rule)": reader_speed(TopkV2(top_k=64, vocab_size=V), v2rows,
-                                                    d / "speed-v2-full.parquet", speed_tokens),
-            "topk-v1 top64": reader_speed(TopkV1(top_k=64), v2rows, d / "speed-v1.parquet", speed_tokens)}
+            f"topk-v3 default (--kl-scale {S3:g})": reader_speed(TopkV3(top_k=64, vocab_size=V, kl_scale=S3), lp64,
+                                                                 d / "speed-v3.parquet", speed_tokens),
+            f"topk-v2 default (--kl-scale {S2:g})": reader_speed(TopkV2(top_k=64, vocab_size=V, kl_scale=S2), lp64,
+                                                                 d / "speed-v2.parquet", speed_tokens),
+            "topk-v1 top64": reader_speed(TopkV1(top_k=64), lp64, d / "speed-v1.parquet", speed_tokens)}
         print(f"  reader: {json.dumps({k: round(v) for k, v in out['reader_tokens_per_s'].items()})}", flush=True)
     return out
 
@@ -316,18 +332,21 @@ def plot(all_results: list[dict], path: Path) -> None:
     rows = -(-len(all_results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.8 * rows), squeeze=False)
     for ax, res in zip(axes.ravel(), all_results):
-        for kind, style in (("exact", "o-"), ("v2", "s"), ("distillkit", "^")):
+        for kind, style in (("exact", "o-"), ("v2", "s"), ("v3", "D"), ("distillkit", "^")):
             pts = [(r["bytes_per_token"], r["kl"]) for r in res["results"] if r["kind"] == kind and r["kl"]]
             if pts:
                 x, y = zip(*sorted(pts))
                 ax.plot(x, y, style, label={"exact": "exact top-k 16/32/64/128 (int32 + fp32)",
-                                             "v2": "topk-v2 settings", "distillkit": "DistillKit-like (bf16)"}[kind])
+                                             "v2": "topk-v2 settings", "v3": "topk-v3 settings",
+                                             "distillkit": "DistillKit-like (bf16)"}[kind])
         exact64 = next(r["kl"] for r in res["results"] if r["setting"] == "exact-top64")
         ax.axhline(1.05 * exact64, color="grey", ls="--", lw=0.8, label="1.05 x exact top-64")
-        d = res["default"]
-        ax.plot([d["bytes_per_token"]], [d["kl"]], "r*", ms=14, label="topk-v2 default (--top-k 64)")
+        ax.axvline(40, color="grey", ls=":", lw=0.8, label="40 B/token")
+        d, v2 = res["default"], next(r for r in res["results"] if r["setting"].startswith("v2-top64-scale"))
+        ax.plot([v2["bytes_per_token"]], [v2["kl"]], "k*", ms=11, label="topk-v2 default")
+        ax.plot([d["bytes_per_token"]], [d["kl"]], "r*", ms=14, label="topk-v3 default (--top-k 64)")
         ax.set(xscale="log", yscale="log", xlabel="bytes / token on disk", ylabel="mean KL(teacher || cache), nats",
-               title=f"{res['teacher']} teacher, vocab {res['vocab']}")
+               title=f"{res['teacher']} teacher, vocab {res['vocab']}, entropy {res['entropy_nats']:.2f} nats")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes.ravel()[len(all_results):]:
@@ -338,8 +357,8 @@ def plot(all_results: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", default="ref,4k,4k-in-150k,150k")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per teacher (150k: a quarter)")
+    p.add_argument("--teachers", default="ref,ref-in-4k,ref-in-152k,4k,4k-in-152k,4k-in-262k,4k-early,4k-early-in-152k")
+    p.add_argument("--tokens", type=int, default=131072, help="tokens per teacher (150k: a quarter)")
     p.add_argument("--speed-tokens", type=int, default=262144)
     p.add_argument("--work", default=str(ROOT / "build/bench-cache"))
     p.add_argument("--plot", default=str(ROOT / "docs/cache_size_fidelity.png"))
@@ -347,9 +366,11 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     work = Path(args.work)
-    teachers = {"ref": (ROOT / "build/bench-quality/teacher", None, None),
-                "4k": (work / "teacher-4k", (4096, 4096, 800, 16), None),
-                "4k-in-150k": (work / "teacher-4k", (4096, 4096, 800, 16), 151936),
+    ref, code, early = ((ROOT / "build/bench-quality/teacher", None), (work / "teacher-4k", (4096, 4096, 800, 16)),
+                        (work / "teacher-4k-early", (4096, 4096, 120, 16)))
+    teachers = {"ref": (*ref, None), "ref-in-4k": (*ref, 4096), "ref-in-152k": (*ref, 151936),
+                "4k": (*code, None), "4k-in-152k": (*code, 151936), "4k-in-262k": (*code, 262144),
+                "4k-early": (*early, None), "4k-early-in-152k": (*early, 151936),
                 "150k": (work / "teacher-150k", (151936, 151936, 60, 4), None)}
     all_results = []
     for name in args.teachers.split(","):
@@ -359,13 +380,12 @@ def main() -> None:
                 sys.exit(f"{path}: missing; run scripts/train_reference_teacher.py --out build/bench-quality")
             build_code_teacher(path, *build)
         tokens = args.tokens // 4 if name == "150k" else args.tokens
-        speed = args.speed_tokens if name in ("ref", "4k") else 0
-        all_results.append(bench_teacher(name, path, work, tokens, speed, scatter_to))
+        all_results.append(bench_teacher(name, path, work, tokens, args.speed_tokens, scatter_to))
     plot(all_results, Path(args.plot))
     (work / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
-    print(json.dumps({"bench": "cache", "teachers": {r["teacher"]: {"vocab": r["vocab"], **r["default"],
-                      **({"reader_tokens_per_s": r["reader_tokens_per_s"]} if "reader_tokens_per_s" in r else {})}
-                      for r in all_results}}))
+    print(json.dumps({"bench": "cache", "teachers": {r["teacher"]: {
+        "vocab": r["vocab"], "entropy_nats": r["entropy_nats"], **r["default"], "v2_default": r["v2_default"],
+        "reader_tokens_per_s": r.get("reader_tokens_per_s")} for r in all_results}}))
 
 
 if __name__ == "__main__":

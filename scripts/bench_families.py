@@ -1,6 +1,6 @@
 """Capture speed per teacher family: vLLM's hidden-states output (head, log_softmax and top-k run by kdcache) vs
 its prompt-logprobs output, side by side in one run on the same rows, plus the cache's bytes per token at each
-family's real vocabulary size (codec v2 at its default setting, on the hidden output's arrays).
+family's real vocabulary size (the default codec at its default setting, on the hidden output's arrays).
 
     python scripts/bench_families.py [--families qwen2,gemma3,...] [--rows 64] [--seq-len 256] [--k 64]
                                      [--hidden 128] [--layers 2] [--dtype D] [--in-process] [--compile]
@@ -31,7 +31,7 @@ from bench_capture import best_of  # noqa: E402  (a sibling script)
 
 
 def bytes_per_token(results, rows: list[np.ndarray], vocab: int, k: int, seq_len: int, root: Path) -> float:
-    """The rows' cache bytes per token: the arrays written by codec v2 at capture's default setting."""
+    """The rows' cache bytes per token: the arrays written by capture's default codec and setting."""
     from cache_format import ShardWriter
     from pipeline.capture import CaptureConfig
     from pipeline.corpus import DataSpec

@@ -23,6 +23,7 @@ def capture(teacher: Path, corpus: Path, out: Path, backend: str, output: str = 
     gc.freeze()           # vLLM collects garbage a dozen times per engine start: keep the long-lived heap out of it
     return run_capture(CaptureConfig(teacher=str(teacher), data=(DataSpec("text", str(corpus)),), out=str(out),
                                      backend=backend, top_k=16, seq_len=64, val_fraction=0.0, batch_size=4,
+                                     kl_budget=0.0,          # the default codec with every listed entry valued
                                      dtype="float32", gpu_memory_utilization=0.05, vllm_output=output,
                                      enforce_eager=True))
 

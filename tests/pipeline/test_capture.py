@@ -16,7 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cache_format import TOKENIZER_NAME, open_cache, publish, verify_cache
+from cache_format import TOKENIZER_NAME, KdcacheError, TopkV2, TopkV3, open_cache, publish, verify_cache
+from pipeline.capture import CaptureConfig
+from pipeline.corpus import DataSpec
 from tests.helpers import domain_texts
 
 
@@ -38,7 +40,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def capture_args(tiny_models, corpus, out, *extra, codec: str | None = "v1"):
-    """The engine and resume tests compare full-precision top-k (codec v1); codec=None: the default (v2)."""
+    """The engine and resume tests compare full-precision top-k (codec v1); codec=None: the default (v3)."""
     data = [a for d, p in corpus.items() for a in ("--data", f"{d}={p}")]
     return ["capture", "--teacher", tiny_models["teacher"], *data, "--out", out, "--backend", "hf",
             "--top-k", 8, "--seq-len", 64, "--val-fraction", 0.1, "--batch-size", 4, "--shard-size-mb", 0.02,
@@ -53,31 +55,61 @@ def hf_cache(tiny_models, corpus, tmp_path_factory) -> Path:
     return out
 
 
-def test_default_codec_v2_matches_the_exact_cache_within_its_bounds(hf_cache, tiny_models, corpus, tmp_path):
-    """Default capture (topk-v2, adaptive k) against the v1 capture of the same teacher: same rows, kept ids are a
-    prefix of the exact top-k, log-probs within the quantiser's bound; 2 workers + merge give the same cache."""
-    out = tmp_path / "v2"
-    r = kdcache(*capture_args(tiny_models, corpus, out, codec=None))
+@pytest.mark.parametrize("codec", ["v2", None])
+def test_quantised_codecs_match_the_exact_cache_within_their_bounds(hf_cache, tiny_models, corpus, tmp_path, codec):
+    """topk-v2 and the default (topk-v3) against the v1 capture of the same teacher: same rows; v2 keeps a prefix of
+    the exact top-k, v3 lists it (in id order after the top-1); log-probs within the quantiser's bound (v3: the
+    valued ones; the shared ones keep their total mass); 2 workers + merge give the same cache."""
+    out = tmp_path / "q"
+    r = kdcache(*capture_args(tiny_models, corpus, out, codec=codec))
     assert r.returncode == 0, r.stderr
     verify_cache(out)
-    v2, v1 = open_cache(out), open_cache(hf_cache)
-    assert v2.manifest.codec["name"] == "topk-v2" and v2.manifest.codec["kl_scale"] == 0.015
-    assert v2.manifest.codec["vocab_size"] >= v2.manifest.tokenizer.vocab_size
-    assert sum(s.bytes for s in v2.manifest.shards()) < sum(s.bytes for s in v1.manifest.shards()) / 2
-    for a, b in zip(v2.iter_rows("train"), v1.iter_rows("train")):
+    q, v1 = open_cache(out), open_cache(hf_cache)
+    name = "topk-v2" if codec == "v2" else "topk-v3"
+    assert q.manifest.codec["name"] == name and q.manifest.codec["kl_scale"] == (0.015 if codec else 0.013)
+    assert q.manifest.codec["vocab_size"] >= q.manifest.tokenizer.vocab_size
+    assert sum(s.bytes for s in q.manifest.shards()) < sum(s.bytes for s in v1.manifest.shards()) / 2
+    for a, b in zip(q.iter_rows("train"), v1.iter_rows("train")):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
         kept = np.isfinite(a["topk_logprobs"])
         assert kept[:-1, 0].all() and not kept[-1].any()
-        np.testing.assert_array_equal(np.where(kept, a["topk_ids"], 0), np.where(kept, b["topk_ids"], 0))
-        assert np.abs(np.where(kept, a["topk_logprobs"], 0) - np.where(kept, b["topk_logprobs"], 0)).max() <= 0.2
+        np.testing.assert_array_equal(a["topk_ids"][:-1, 0], b["topk_ids"][:-1, 0])          # the top-1 first
+        assert np.abs(a["topk_logprobs"][:-1, 0] - b["topk_logprobs"][:-1, 0]).max() <= 0.2
+        n = kept.sum(1)
+        if codec == "v2":
+            np.testing.assert_array_equal(np.where(kept, a["topk_ids"], 0), np.where(kept, b["topk_ids"], 0))
+            assert np.abs(np.where(kept, a["topk_logprobs"], 0) - np.where(kept, b["topk_logprobs"], 0)).max() <= 0.2
+        else:
+            for t in range(len(n) - 1):
+                assert set(a["topk_ids"][t, :n[t]]) == set(b["topk_ids"][t, :n[t]])
+            mass = lambda lp, m: np.where(m, np.exp(lp.astype(np.float64)), 0).sum(1)  # noqa: E731
+            first_n = np.arange(kept.shape[1]) < n[:, None]
+            assert np.abs(mass(a["topk_logprobs"], kept) - mass(b["topk_logprobs"], first_n))[:-1].max() <= 0.05
         assert np.abs(a["target_logprobs"][:-1] - b["target_logprobs"][:-1]).max() <= 0.2
     for i in range(2):
         r = kdcache(*capture_args(tiny_models, corpus, tmp_path / f"p{i}", "--num-workers", 2, "--worker-index", i,
-                                  codec=None))
+                                  codec=codec))
         assert r.returncode == 0, r.stderr
     r = kdcache("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "merged")
     assert r.returncode == 0, r.stderr
     assert shard_digests(tmp_path / "merged") == shard_digests(out)
+
+
+def test_codec_choice_and_refusals():
+    """No --codec: topk-v3 with its default rule, or topk-v2 where only v2 stores what is asked (sampled targets,
+    --top-p); what a codec cannot store is one clear error."""
+    cfg = lambda **kw: CaptureConfig(teacher="t", data=(DataSpec("code", "x"),), out="o", **kw)  # noqa: E731
+    assert cfg().make_codec(1000) == TopkV3(top_k=64, vocab_size=1000, kl_scale=0.013)
+    assert cfg(kl_budget=1e-3).make_codec(1000) == TopkV3(top_k=64, vocab_size=1000, kl_budget=1e-3)
+    assert cfg(top_p=0.9).make_codec(1000) == TopkV2(top_k=64, vocab_size=1000, top_p=0.9, samples=50)
+    assert cfg(codec="v2").make_codec(1000) == TopkV2(top_k=64, vocab_size=1000, kl_scale=0.015, samples=50)
+    assert cfg(targets="sampled", backend="hf").codec_name == "v2"
+    for kw, message in (({"codec": "v3", "top_p": 0.9}, "--targets sampled and --top-p need --codec v2"),
+                        ({"codec": "v3", "targets": "sampled", "backend": "hf"}, "need --codec v2"),
+                        ({"codec": "v1", "kl_scale": 0.1}, "--kl-budget and --kl-scale need --codec v2 or v3"),
+                        ({"codec": "v4"}, "--codec must be v1, v2 or v3")):
+        with pytest.raises(KdcacheError, match=message):
+            cfg(**kw)
 
 
 def test_sampled_targets_capture(tiny_models, corpus, tmp_path):

@@ -1,7 +1,8 @@
 """The teacher matrix: every family kdcache's vLLM fast path knows, as a tiny random model at its real vocabulary size
 with its head options (tied or untied, embed_out, bias, soft-cap, logit scaling, MoE body) and large logits,
-captured by vLLM (auto: the guarded hidden-states output; logprobs) and by HF with the default codec, each cache
-checked against a direct full-vocabulary forward of the transformers model."""
+captured by vLLM (auto: the guarded hidden-states output; logprobs) and by HF with the default codec (topk-v3) at
+--kl-budget 0, so that every listed entry keeps its own value, each cache checked against a direct full-vocabulary
+forward of the transformers model."""
 
 import subprocess
 import sys

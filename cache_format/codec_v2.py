@@ -62,6 +62,35 @@ def _binary_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
 
 
+def int_width(n: int) -> int:
+    """Bytes per stored value below n: 1, 2 or 4 (not 3: zstd matches repeated values better on whole words)."""
+    return 1 if n <= 1 << 8 else 2 if n <= 1 << 16 else 4
+
+
+class BlobCodec:
+    """What topk-v2 and topk-v3 share (a codec dataclass with top_k, vocab_size and a FIELDS tuple): per-row
+    little-endian blobs, one binary column per field."""
+
+    @property
+    def id_width(self) -> int:
+        """Bytes per stored token id."""
+        return int_width(self.vocab_size)
+
+    @property
+    def count_width(self) -> int:
+        return 1 if self.top_k <= 255 else 2
+
+    @property
+    def no_slot(self) -> int:
+        """`slots` value of a position whose actual next token has no slot (or of a position without entries)."""
+        return (1 << (8 * self.count_width)) - 1
+
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([("row_index", pa.int64()), ("domain", pa.string())]
+                         + [(f, pa.binary()) for f in self.FIELDS])
+
+
 def depth_codes(lp: np.ndarray) -> np.ndarray:
     """Sorted log-probs (T, K) -> depth codes round(SQRT_SCALE * sqrt(lp_1 - lp)), (T, K) int64; 255 for -inf."""
     valid = np.isfinite(lp)
@@ -121,7 +150,7 @@ def keep_counts(lp: np.ndarray, vocab_size: int, top_p: float | None, kl_budget:
 
 
 @dataclass(frozen=True)
-class TopkV2:
+class TopkV2(BlobCodec):
     """Quantised, adaptive-k codec (module docstring). targets: "topk" or "sampled" (N = samples draws)."""
 
     top_k: int
@@ -133,6 +162,7 @@ class TopkV2:
     samples: int = 0
     name: str = "topk-v2"
     zstd_level: ClassVar[int] = 3           # Parquet's zstd level for its shards
+    FIELDS: ClassVar[tuple[str, ...]] = FIELDS
 
     def __post_init__(self):
         if self.targets not in ("topk", "sampled"):
@@ -141,25 +171,6 @@ class TopkV2:
             raise CacheError(f"codec topk-v2: samples {self.samples} out of range (1..255)")
         if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
             raise CacheError(f"codec topk-v2: top_k {self.top_k} out of range (1..min(65535, vocab {self.vocab_size}))")
-
-    @property
-    def id_width(self) -> int:
-        """Bytes per stored id: 1, 2 or 4 (not 3: zstd matches repeated ids better on whole words)."""
-        return 1 if self.vocab_size <= 1 << 8 else 2 if self.vocab_size <= 1 << 16 else 4
-
-    @property
-    def count_width(self) -> int:
-        return 1 if self.top_k <= 255 else 2
-
-    @property
-    def no_slot(self) -> int:
-        """`slots` value of a position whose actual next token is not among the kept ids (or the last position)."""
-        return (1 << (8 * self.count_width)) - 1
-
-    @property
-    def arrow_schema(self) -> pa.Schema:
-        return pa.schema([("row_index", pa.int64()), ("domain", pa.string())]
-                         + [(f, pa.binary()) for f in FIELDS])
 
     def params(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "targets": self.targets, "top_p": self.top_p,

@@ -32,17 +32,12 @@ from typing import ClassVar, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, _binary_parts, _concat, _pack, _unpack, \
-    depth_codes, truncation_bound
+from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, BlobCodec, _binary_parts, _concat, _pack, \
+    _unpack, depth_codes, int_width, truncation_bound
 from .errors import CacheError
 
 FIELDS = ("input_ids", "counts", "valued", "dictionary", "ids", "valued_at", "values", "shared", "tail", "slots",
           "targets")
-
-
-def _index_width(size: int) -> int:
-    """Bytes per index into a dictionary of `size` ids."""
-    return 1 if size <= 1 << 8 else 2 if size <= 1 << 16 else 4
 
 
 def _plogp_rest(p: np.ndarray, lp: np.ndarray) -> np.ndarray:
@@ -78,7 +73,7 @@ def value_counts(lp: np.ndarray, listed: np.ndarray, vocab_size: int, kl_budget:
 
 
 @dataclass(frozen=True)
-class TopkV3:
+class TopkV3(BlobCodec):
     """Valued ids with their codes, then sorted shared ids with one code (module docstring). Top-k targets only
     (sampled targets: topk-v2)."""
 
@@ -88,6 +83,7 @@ class TopkV3:
     kl_scale: float | None = None
     name: str = "topk-v3"
     zstd_level: ClassVar[int] = 9           # sorted ids repeat at long range: 9 finds 15 % more than 3 (benchmarks)
+    FIELDS: ClassVar[tuple[str, ...]] = FIELDS
 
     def __post_init__(self):
         if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
@@ -96,22 +92,6 @@ class TopkV3:
         for rule in (self.kl_budget, self.kl_scale):
             if rule is not None and not rule >= 0:
                 raise CacheError(f"codec topk-v3: kl_budget/kl_scale must be >= 0, got {rule}")
-
-    @property
-    def id_width(self) -> int:
-        return 1 if self.vocab_size <= 1 << 8 else 2 if self.vocab_size <= 1 << 16 else 4
-
-    @property
-    def count_width(self) -> int:
-        return 1 if self.top_k <= 255 else 2
-
-    @property
-    def no_slot(self) -> int:
-        return (1 << (8 * self.count_width)) - 1
-
-    @property
-    def arrow_schema(self) -> pa.Schema:
-        return pa.schema([("row_index", pa.int64()), ("domain", pa.string())] + [(f, pa.binary()) for f in FIELDS])
 
     def params(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "kl_budget": self.kl_budget,
@@ -122,7 +102,7 @@ class TopkV3:
         row_index, domain) -> one Arrow table (one Parquet row group)."""
         encoded = [self._encode_row(r) for r in rows]
         dictionary = np.unique(np.concatenate([e["ids"] for e in encoded] + [np.zeros(0, np.int64)]))   # (D,)
-        width = _index_width(len(dictionary))
+        width = int_width(len(dictionary))
         for i, e in enumerate(encoded):
             e["ids"] = _pack(np.searchsorted(dictionary, e["ids"]), width)
             e["dictionary"] = _pack(np.diff(dictionary, prepend=0), self.id_width) if i == 0 else b""
@@ -201,7 +181,7 @@ class TopkV3:
         dictionary = np.cumsum(deltas, dtype=np.int64)                                          # (D,)
         if (deltas[1:] == 0).any() or dictionary[-1:].max(initial=0) >= self.vocab_size:
             raise CacheError(f"{where}: field 'dictionary' is not a set of ids below vocab_size={self.vocab_size}")
-        index, _ = _unpack(*parts["ids"], _index_width(len(dictionary)), where, "ids")        # (l,) sorted lists
+        index, _ = _unpack(*parts["ids"], int_width(len(dictionary)), where, "ids")        # (l,) sorted lists
         valued_at, _ = _unpack(*parts["valued_at"], self.count_width, where, "valued_at")     # (n,)
         (v_offsets, v_data), targets = parts["values"], _concat(*parts["targets"])
         increments = _concat(v_offsets, v_data)                                                 # (n,) uint8

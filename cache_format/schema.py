@@ -83,7 +83,8 @@ class TopkV1:
         K = self.top_k
         for r in rows:
             T = len(r["input_ids"])
-            if r["topk_ids"].shape != (T, K) or r["topk_logprobs"].shape != (T, K) or r["target_logprobs"].shape != (T,):
+            if (r["topk_ids"].shape != (T, K) or r["topk_logprobs"].shape != (T, K)
+                    or r["target_logprobs"].shape != (T,)):
                 raise ValueError(f"row {r['row_index']}: shapes {r['topk_ids'].shape}, {r['topk_logprobs'].shape}, "
                                  f"{r['target_logprobs'].shape} do not match T={T}, K={K}")
 

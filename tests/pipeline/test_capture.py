@@ -59,7 +59,7 @@ def hf_cache(tiny_models, corpus, tmp_path_factory) -> Path:
 def test_quantised_codecs_match_the_exact_cache_within_their_bounds(hf_cache, tiny_models, corpus, tmp_path, codec):
     """topk-v2 and the default (topk-v3) against the v1 capture of the same teacher: same rows; v2 keeps a prefix of
     the exact top-k, v3 lists it (in id order after the top-1); log-probs within the quantiser's bound (v3: the
-    valued ones; the shared ones keep their total mass); 2 workers + merge give the same cache."""
+    valued ones; the shared ones keep their total mass); with the default, 2 workers + merge give the same cache."""
     out = tmp_path / "q"
     r = kdcache(*capture_args(tiny_models, corpus, out, codec=codec))
     assert r.returncode == 0, r.stderr
@@ -86,6 +86,8 @@ def test_quantised_codecs_match_the_exact_cache_within_their_bounds(hf_cache, ti
             first_n = np.arange(kept.shape[1]) < n[:, None]
             assert np.abs(mass(a["topk_logprobs"], kept) - mass(b["topk_logprobs"], first_n))[:-1].max() <= 0.05
         assert np.abs(a["target_logprobs"][:-1] - b["target_logprobs"][:-1]).max() <= 0.2
+    if codec is not None:
+        return                                                  # workers + merge: the default codec is enough
     for i in range(2):
         r = kdcache(*capture_args(tiny_models, corpus, tmp_path / f"p{i}", "--num-workers", 2, "--worker-index", i,
                                   codec=codec))

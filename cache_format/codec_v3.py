@@ -40,12 +40,6 @@ FIELDS = ("input_ids", "counts", "valued", "dictionary", "ids", "valued_at", "va
           "targets")
 
 
-def _plogp_rest(p: np.ndarray, lp: np.ndarray) -> np.ndarray:
-    """(T, K): sum_{k<j<=K} p_j log p_j for k = 1..K (0 at k = K)."""
-    plogp = np.where(p > 0, p * np.where(np.isfinite(lp), lp, 0.0), 0.0)
-    return plogp.sum(1, keepdims=True) - np.cumsum(plogp, 1)
-
-
 def value_counts(lp: np.ndarray, listed: np.ndarray, vocab_size: int, kl_budget: float | None,
                  kl_scale: float | None) -> np.ndarray:
     """Valued entries per position, (T,), from one row's sorted log-probs lp (T, K) and its listed counts L (T,).
@@ -65,17 +59,19 @@ def value_counts(lp: np.ndarray, listed: np.ndarray, vocab_size: int, kl_budget:
         scaled = kl_scale * truncation_bound(lp, vocab_size)
         kl_budget = scaled if kl_budget is None else max(kl_budget, scaled)
     p = np.where(np.arange(K) < listed[:, None], np.exp(lp), 0.0)              # (T, K) listed entries only
+    plogp = np.where(p > 0, p * np.where(np.isfinite(lp), lp, 0.0), 0.0)      # (T, K)
+    rest = plogp.sum(1, keepdims=True) - np.cumsum(plogp, 1)                   # (T, K) sum_{k<j<=L} p_j log p_j
     m = p.sum(1, keepdims=True) - np.cumsum(p, 1)                              # (T, K) m_k, k = 1..K
     n = np.maximum(listed[:, None] - np.arange(1, K + 1), 1)                   # (T, K) L - k
-    dkl = _plogp_rest(p, lp) - np.where(m > 0, m * np.log(np.maximum(m, 1e-300) / n), 0.0)
+    dkl = rest - np.where(m > 0, m * np.log(np.maximum(m, 1e-300) / n), 0.0)
     ok = (dkl <= kl_budget) | (np.arange(1, K + 1) >= listed[:, None])         # (T, K) k = L always qualifies
     return np.where(listed > 0, np.maximum(ok.argmax(1) + 1, 1), 0).astype(np.int64)
 
 
 @dataclass(frozen=True)
 class TopkV3(BlobCodec):
-    """Valued ids with their codes, then sorted shared ids with one code (module docstring). Top-k targets only
-    (sampled targets: topk-v2)."""
+    """Every listed id in one sorted list, own codes only for the first k_t by log-prob, one shared code for the
+    rest (module docstring). Top-k targets only (sampled targets: topk-v2)."""
 
     top_k: int
     vocab_size: int

@@ -114,7 +114,8 @@ class Cache:
 
     def iter_rows(self, split: str = "train", domain: str | None = None) -> Iterator[dict]:
         """Rows of `split` (one domain or all, in manifest order), dicts of:
-            input_ids (T,) int32, topk_ids (T, K) int32, topk_logprobs (T, K) float32 (-inf padding),
+            input_ids (T,) int32, topk_ids (T, K) int32, topk_logprobs (T, K) float32 (-inf padding after a
+              position's entries; the top-1 first, the rest by descending log-prob (v1, v2) or by id (v3)),
             target_logprobs (T,) float32 (NaN where no distribution), domain str, row_index int,
             supervised (T,) bool: position t holds the teacher's distribution over token t+1 (text caches: every
               position but the last; chat caches: those whose next token is a trained one, e.g. the responses),

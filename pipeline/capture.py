@@ -62,8 +62,8 @@ class CaptureConfig:
                                         # (quantised, adaptive k); "v1": topk-v1 (int32 + float32); None: v3, or v2
                                         # for --targets sampled and --top-p (see codec_name)
     top_p: float | None = None          # v2 rule: keep the smallest prefix with this mass
-    kl_budget: float | None = None      # v2 rule: extra KL (nats) allowed per position
-    kl_scale: float | None = None       # v2 rule: the same, kl_scale x the row's truncation-KL bound; the default
+    kl_budget: float | None = None      # v2/v3 rule: extra KL (nats) allowed per position
+    kl_scale: float | None = None       # v2/v3 rule: the same, kl_scale x the row's truncation-KL bound; the default
     targets: str = "topk"               # "topk", or "sampled": --samples draws from the teacher (RS-KD)
     samples: int = 50
     seq_len: int = 1024

@@ -83,11 +83,18 @@ class VLLMServer:
                 raise RuntimeError(f"vLLM server exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
+                    break
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"vLLM server not up after {timeout}s: {self.log.read_text()[-3000:]}")
+        else:
+            raise RuntimeError(f"vLLM server not up after {timeout}s: {self.log.read_text()[-3000:]}")
+        # one request first: a fresh server's first prompt_logprobs request takes seconds (warm-up), which a test
+        # with a short --request-timeout would take for a dead server
+        model = httpx.get(self.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        httpx.post(self.url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 1}).raise_for_status()
+        return self
 
     def alive(self) -> bool:
         return self.proc.poll() is None

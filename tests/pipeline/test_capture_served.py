@@ -162,8 +162,8 @@ def test_a_stalled_server_times_out_and_the_other_takes_its_requests(
     a, b = fleet("a", "b")
     out = tmp_path / "cache"
     proc = run_until_shards(served_args(tiny_models, corpus, out, [a.url, b.url], "--batch-size", 1,
-                                        "--max-concurrency", 1, "--request-timeout", 1, "--drop-server-after", 2),
-                            out, 2)
+                                        "--max-concurrency", 1, "--request-timeout", 1, "--drop-server-after", 0),
+                            out, 1)          # b drops at its first timeout, ~1 s after the pause; 27 shards remain
     b.pause()
     try:
         _, err = proc.communicate(timeout=300)
@@ -179,7 +179,7 @@ def test_a_server_killed_mid_capture_leaves_the_work_to_the_other(
     a, b = fleet("a", "b")
     out = tmp_path / "cache"
     proc = run_until_shards(served_args(tiny_models, corpus, out, [a.url, b.url], "--batch-size", 1,
-                                        "--max-concurrency", 1, "--drop-server-after", 1), out, 2)
+                                        "--max-concurrency", 1, "--drop-server-after", 0.5), out, 1)
     b.kill()
     assert proc.poll() is None, "the capture finished before the server was killed"
     _, err = proc.communicate(timeout=300)

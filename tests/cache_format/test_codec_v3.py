@@ -214,6 +214,21 @@ def test_corrupt_fields_are_named_by_the_reader(field, blob, match):
         list(codec.decode(broken, "test"))
 
 
+def test_valued_at_past_the_list_or_twice_is_refused():
+    rng = np.random.default_rng(5)
+    row, _ = full_row(rng, 6, 8, 50, scale=0.5)
+    codec = TopkV3(top_k=8, vocab_size=50)                                        # every listed id valued
+    table = codec.encode([row])
+    valued_at = np.frombuffer(table.column("valued_at")[0].as_py(), np.uint8).copy()
+    assert np.frombuffer(table.column("valued")[0].as_py(), np.uint8)[0] >= 2     # two valued ids at position 0
+    for value, match in ((9, "points past its position's ids"), (valued_at[1], "does not pick distinct ids")):
+        broken_at = valued_at.copy()
+        broken_at[0] = value
+        broken = with_first_row(table, "valued_at", broken_at.tobytes())
+        with pytest.raises(CacheError, match=f"test: field 'valued_at' {match}"):
+            list(codec.decode(broken, "test"))
+
+
 def with_first_row(table: pa.Table, field: str, blob: bytes) -> pa.Table:
     column = pa.array([blob] + table.column(field).to_pylist()[1:], pa.binary())
     return table.set_column(table.schema.get_field_index(field), field, column)

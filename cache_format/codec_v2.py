@@ -90,6 +90,34 @@ class BlobCodec:
         return pa.schema([("row_index", pa.int64()), ("domain", pa.string())]
                          + [(f, pa.binary()) for f in self.FIELDS])
 
+    def _check_top_k(self) -> None:
+        if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
+            raise CacheError(f"codec {self.name}: top_k {self.top_k} out of range (1..min(65535, vocab "
+                             f"{self.vocab_size}))")
+
+    def _table(self, rows: list[dict], blobs: list[dict]) -> pa.Table:
+        """One Arrow table (a row group): the rows' row_index and domain, and each row's blob of every field."""
+        return pa.Table.from_arrays(
+            [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
+            + [pa.array([b[f] for b in blobs], pa.binary()) for f in self.FIELDS], schema=self.arrow_schema)
+
+    @staticmethod
+    def _rows(table: pa.Table, input_ids: np.ndarray, lengths: np.ndarray, arrays: dict) -> Iterator[dict]:
+        """Cut the row group's decoded positions (input_ids (N,), arrays of N rows) into its rows (views)."""
+        ends = np.cumsum(lengths)                                                                # (R,)
+        row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
+        for i, (a, b) in enumerate(zip(ends - lengths, ends)):
+            yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
+                   **{key: v[a:b] for key, v in arrays.items()}}
+
+
+def running_codes(offsets: np.ndarray, increments: np.ndarray) -> np.ndarray:
+    """Depth codes (n,) uint8 from their increments mod 256, one running sum per row (row i: offsets[i:i+2])."""
+    codes = np.empty(len(increments), np.uint8)
+    for a, b in zip(offsets[:-1] - offsets[0], offsets[1:] - offsets[0]):
+        np.cumsum(increments[a:b], dtype=np.uint8, out=codes[a:b])
+    return codes
+
 
 def depth_codes(lp: np.ndarray) -> np.ndarray:
     """Sorted log-probs (T, K) -> depth codes round(SQRT_SCALE * sqrt(lp_1 - lp)), (T, K) int64; 255 for -inf."""
@@ -169,8 +197,7 @@ class TopkV2(BlobCodec):
             raise CacheError(f"codec topk-v2: targets {self.targets!r} (expected topk or sampled)")
         if self.targets == "sampled" and not 0 < self.samples <= 255:
             raise CacheError(f"codec topk-v2: samples {self.samples} out of range (1..255)")
-        if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
-            raise CacheError(f"codec topk-v2: top_k {self.top_k} out of range (1..min(65535, vocab {self.vocab_size}))")
+        self._check_top_k()
 
     def params(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "targets": self.targets, "top_p": self.top_p,
@@ -179,13 +206,7 @@ class TopkV2(BlobCodec):
     def encode(self, rows: list[dict]) -> pa.Table:
         """Rows (input_ids (T,), topk_ids (T, K), topk_logprobs (T, K) sorted descending, target_logprobs (T,),
         row_index, domain) -> one Arrow table (one Parquet row group). Sampled rows hold log(c / N)."""
-        blobs = {f: [] for f in FIELDS}
-        for r in rows:
-            for f, b in self._encode_row(r).items():
-                blobs[f].append(b)
-        return pa.Table.from_arrays(
-            [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
-            + [pa.array(blobs[f], pa.binary()) for f in blobs], schema=self.arrow_schema)
+        return self._table(rows, [self._encode_row(r) for r in rows])
 
     def _encode_row(self, r: dict) -> dict:
         ids, lp, target = r["topk_ids"], r["topk_logprobs"].astype(np.float64), r["target_logprobs"]
@@ -233,12 +254,7 @@ class TopkV2(BlobCodec):
         counts = counts.astype(np.int64)
         if not np.array_equal(lengths, n_counts) or counts.max(initial=0) > self.top_k:
             raise CacheError(f"{where}: field 'counts' does not match the rows' lengths and top_k={self.top_k}")
-        ends = np.cumsum(lengths)                                                                # (R,)
-        arrays = self._decode_positions(counts, parts, where)
-        row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
-        for i, (a, b) in enumerate(zip(ends - lengths, ends)):
-            yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
-                   **{key: v[a:b] for key, v in arrays.items()}}
+        yield from self._rows(table, input_ids, lengths, self._decode_positions(counts, parts, where))
 
     def _decode_positions(self, counts, parts, where) -> dict:
         """N positions of concatenated rows -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,).
@@ -268,9 +284,7 @@ class TopkV2(BlobCodec):
         slots, _ = _unpack(*parts["slots"], self.count_width, where, "slots")                 # (N,)
         if len(tail_code) != N or len(slots) != N:
             raise CacheError(f"{where}: field 'tail' or 'slots' does not match the rows' lengths")
-        codes = np.empty(n, np.uint8)                                                           # (n,) depth codes
-        for a, b in zip(v_offsets[:-1] - v_offsets[0], v_offsets[1:] - v_offsets[0]):          # per row
-            np.cumsum(values[a:b], dtype=np.uint8, out=codes[a:b])
+        codes = running_codes(v_offsets, values)                                                # (n,) depth codes
         if n and codes.max() > MAX_CODE:
             raise CacheError(f"{where}: field 'values' decodes to a depth code above {MAX_CODE}")
         first = np.cumsum(counts)[counts > 0] - counts[counts > 0]                               # first entries

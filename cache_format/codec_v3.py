@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from .codec_v2 import DEPTH, EXP_DEPTH, MAX_CODE, SQRT_SCALE, TAIL_STEP, BlobCodec, _binary_parts, _concat, _pack, \
-    _unpack, depth_codes, int_width, truncation_bound
+    _unpack, depth_codes, int_width, running_codes, truncation_bound
 from .errors import CacheError
 
 FIELDS = ("input_ids", "counts", "valued", "dictionary", "ids", "valued_at", "values", "shared", "tail", "slots",
@@ -82,9 +82,7 @@ class TopkV3(BlobCodec):
     FIELDS: ClassVar[tuple[str, ...]] = FIELDS
 
     def __post_init__(self):
-        if not 0 < self.top_k <= 65535 or self.vocab_size < self.top_k:
-            raise CacheError(f"codec topk-v3: top_k {self.top_k} out of range (1..min(65535, vocab "
-                             f"{self.vocab_size}))")
+        self._check_top_k()
         for rule in (self.kl_budget, self.kl_scale):
             if rule is not None and not rule >= 0:
                 raise CacheError(f"codec topk-v3: kl_budget/kl_scale must be >= 0, got {rule}")
@@ -98,13 +96,16 @@ class TopkV3(BlobCodec):
         row_index, domain) -> one Arrow table (one Parquet row group)."""
         encoded = [self._encode_row(r) for r in rows]
         dictionary = np.unique(np.concatenate([e["ids"] for e in encoded] + [np.zeros(0, np.int64)]))   # (D,)
+        if dictionary[-1:].max(initial=0) >= self.vocab_size:
+            raise ValueError(f"row group of row {rows[0]['row_index']}: id {dictionary[-1]} is not below "
+                             f"vocab_size={self.vocab_size}")
         width = int_width(len(dictionary))
+        index_of = np.zeros(self.vocab_size, np.int64)                             # (V,) id -> dictionary index
+        index_of[dictionary] = np.arange(len(dictionary))
         for i, e in enumerate(encoded):
-            e["ids"] = _pack(np.searchsorted(dictionary, e["ids"]), width)
+            e["ids"] = _pack(index_of[e["ids"]], width)
             e["dictionary"] = _pack(np.diff(dictionary, prepend=0), self.id_width) if i == 0 else b""
-        return pa.Table.from_arrays(
-            [pa.array([r["row_index"] for r in rows], pa.int64()), pa.array([r["domain"] for r in rows], pa.string())]
-            + [pa.array([e[f] for e in encoded], pa.binary()) for f in FIELDS], schema=self.arrow_schema)
+        return self._table(rows, encoded)
 
     def _encode_row(self, r: dict) -> dict:
         ids, lp, target = r["topk_ids"].astype(np.int64), r["topk_logprobs"].astype(np.float64), r["target_logprobs"]
@@ -133,7 +134,8 @@ class TopkV3(BlobCodec):
         tail = np.where(np.isfinite(r_tail) & (listed_n > 0),
                         np.clip(np.rint((r_tail + 128.0) * TAIL_STEP), 1, 65535), 0)
         order = np.argsort(np.where(listed, ids, np.iinfo(np.int64).max), axis=1, kind="stable")   # (T, K)
-        at = np.argsort(order, axis=1)                                             # (T, K) entry j's place sorted
+        at = np.empty_like(order)                                                  # (T, K) entry j's place sorted
+        np.put_along_axis(at, order, col, axis=1)                                  # (the inverse permutation)
         hit = (ids[:-1] == r["input_ids"][1:, None]) & valued[:-1]                # (T-1, K)
         inside = np.append(hit.any(1), False)                                      # (T,)
         slots = np.where(inside, np.append(np.take_along_axis(at[:-1], hit.argmax(1)[:, None], 1)[:, 0], 0),
@@ -160,13 +162,8 @@ class TopkV3(BlobCodec):
             raise CacheError(f"{where}: field 'counts' does not match the rows' lengths and top_k={self.top_k}")
         if not np.array_equal(lengths, n_valued) or (valued > counts).any() or ((valued == 0) != (counts == 0)).any():
             raise CacheError(f"{where}: field 'valued' does not match the rows' lengths and counts")
-        ends = np.cumsum(lengths)                                                                # (R,)
-        arrays = self._decode_positions(counts, valued, parts, where)
-        input_ids = input_ids.astype(np.int32)
-        row_index, domains = table.column("row_index").to_pylist(), table.column("domain").to_pylist()
-        for i, (a, b) in enumerate(zip(ends - lengths, ends)):
-            yield {"row_index": row_index[i], "domain": domains[i], "input_ids": input_ids[a:b],
-                   **{key: v[a:b] for key, v in arrays.items()}}
+        yield from self._rows(table, input_ids.astype(np.int32), lengths,
+                              self._decode_positions(counts, valued, parts, where))
 
     def _decode_positions(self, counts: np.ndarray, valued: np.ndarray, parts: dict, where: str) -> dict:
         """N positions -> topk_ids (N, K), topk_logprobs (N, K), target_logprobs (N,): each position's sorted ids
@@ -194,9 +191,7 @@ class TopkV3(BlobCodec):
         listed_ids = dictionary.astype(np.int32)[index]                                        # (l,)
         if (valued_at >= np.repeat(counts, valued)).any():
             raise CacheError(f"{where}: field 'valued_at' points past its position's ids")
-        codes = np.empty(n, np.uint8)                                                           # (n,) depth codes
-        for a, b in zip(v_offsets[:-1] - v_offsets[0], v_offsets[1:] - v_offsets[0]):          # per row
-            np.cumsum(increments[a:b], dtype=np.uint8, out=codes[a:b])
+        codes = running_codes(v_offsets, increments)                                            # (n,) depth codes
         if max(codes.max(initial=0), shared.max(initial=0)) > MAX_CODE:
             raise CacheError(f"{where}: field 'values' or 'shared' holds a depth code above {MAX_CODE}")
         live = counts > 0                                                                       # (N,)

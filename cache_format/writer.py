@@ -40,7 +40,8 @@ class ShardWriter:
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".tmp")
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = pq.ParquetWriter(self.tmp_path, shard_schema(codec, packing), compression="zstd",
-                                        compression_level=compression_level or codec.zstd_level,
+                                        compression_level=codec.zstd_level if compression_level is None
+                                        else compression_level,
                                         write_statistics=False)
         self._pending: list[dict] = []
         self.rows = 0

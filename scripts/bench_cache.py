@@ -22,9 +22,9 @@ Teachers (no downloads; the 4k ones are built by this script when missing, minut
     X-in-N       teacher X embedded in an N-id vocabulary (its ids moved by a fixed random permutation, the other
                  ids at probability 0): its distributions with real-size id statistics (152k = 151,936, 262k = 262,144)
     150k         (not in the default list) vocab 151936, only 60 steps: little more than a unigram model
-Reader speed: each default setting's shard (and topk-v1's) with the rows repeated to --speed-tokens tokens, read +
-decoded on one thread (process CPU time). Prints a table, writes docs/cache_size_fidelity.png and
-build/bench-cache/results.json, and a final JSON line.
+Reader and writer speed: each default setting's shard (and topk-v1's) with the rows repeated to --speed-tokens
+tokens, written (encode + zstd, capture's writer thread) and read + decoded on one thread (process CPU time).
+Prints a table, writes docs/cache_size_fidelity.png and build/bench-cache/results.json, and a final JSON line.
 """
 
 import argparse
@@ -220,9 +220,10 @@ def distillkit_like(t: dict, rows: np.ndarray, k: int, path: Path) -> tuple[int,
     return path.stat().st_size, mean_kl(t, rows_dec)
 
 
-def reader_speed(codec, rows: list[dict], path: Path, tokens: int) -> float:
-    """Decoded tokens/s (process CPU time, one thread, best of 3) over a shard of about `tokens` tokens (the bench
-    rows repeated): Parquet read + decode into (T, K) arrays, rows of 1,024 tokens, 64 per row group."""
+def shard_speed(codec, rows: list[dict], path: Path, tokens: int) -> tuple[float, float]:
+    """(written, decoded) tokens/s, process CPU time on one thread, over a shard of about `tokens` tokens (the
+    bench rows repeated, rows of 1,024 tokens, 64 per row group). Written: capture's writer thread's work,
+    ShardWriter's encode + zstd + Parquet. Decoded: Parquet read + decode into (T, K) arrays, best of 3."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -231,10 +232,12 @@ def reader_speed(codec, rows: list[dict], path: Path, tokens: int) -> float:
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
     reps = max(1, tokens // sum(len(r["input_ids"]) for r in rows))
+    t0 = time.process_time()
     w = ShardWriter(path.parent, path.name, codec, row_group_rows=64)
     for i in range(reps * len(rows)):
         w.write({**rows[i % len(rows)], "row_index": i})
     w.close()
+    written = reps * sum(len(r["input_ids"]) for r in rows) / (time.process_time() - t0)
     best = math.inf
     for _ in range(3):
         t0, n = time.process_time(), 0
@@ -243,7 +246,7 @@ def reader_speed(codec, rows: list[dict], path: Path, tokens: int) -> float:
             for d in codec.decode(pf.read_row_group(g, use_threads=False), str(path)):
                 n += d["topk_ids"].shape[0]
         best = min(best, time.process_time() - t0)
-    return n / best
+    return written, n / best
 
 
 def scatter_vocab(t: dict, rows: np.ndarray, vocab: int) -> tuple[dict, np.ndarray]:
@@ -313,13 +316,16 @@ def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_token
            "v2_default": {"bytes_per_token": v2["bytes_per_token"], "kl_ratio_vs_exact64": v2["kl"] / exact64}}
     if speed_tokens:
         lp64 = as_rows(t, rows, t["ids"][:, :64].astype(np.int32), t["lp"][:, :64])
-        out["reader_tokens_per_s"] = {
-            f"topk-v3 default (--kl-scale {S3:g})": reader_speed(TopkV3(top_k=64, vocab_size=V, kl_scale=S3), lp64,
-                                                                 d / "speed-v3.parquet", speed_tokens),
-            f"topk-v2 default (--kl-scale {S2:g})": reader_speed(TopkV2(top_k=64, vocab_size=V, kl_scale=S2), lp64,
-                                                                 d / "speed-v2.parquet", speed_tokens),
-            "topk-v1 top64": reader_speed(TopkV1(top_k=64), lp64, d / "speed-v1.parquet", speed_tokens)}
-        print(f"  reader: {json.dumps({k: round(v) for k, v in out['reader_tokens_per_s'].items()})}", flush=True)
+        speeds = {f"topk-v3 default (--kl-scale {S3:g})": shard_speed(
+                      TopkV3(top_k=64, vocab_size=V, kl_scale=S3), lp64, d / "speed-v3.parquet", speed_tokens),
+                  f"topk-v2 default (--kl-scale {S2:g})": shard_speed(
+                      TopkV2(top_k=64, vocab_size=V, kl_scale=S2), lp64, d / "speed-v2.parquet", speed_tokens),
+                  "topk-v1 top64": shard_speed(TopkV1(top_k=64), lp64, d / "speed-v1.parquet", speed_tokens)}
+        out["writer_tokens_per_s"] = {k: w for k, (w, _) in speeds.items()}
+        out["reader_tokens_per_s"] = {k: r for k, (_, r) in speeds.items()}
+        for what in ("writer", "reader"):
+            print(f"  {what}: {json.dumps({k: round(v) for k, v in out[f'{what}_tokens_per_s'].items()})}",
+                  flush=True)
     return out
 
 
@@ -385,7 +391,8 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps(all_results, indent=2) + "\n")
     print(json.dumps({"bench": "cache", "teachers": {r["teacher"]: {
         "vocab": r["vocab"], "entropy_nats": r["entropy_nats"], **r["default"], "v2_default": r["v2_default"],
-        "reader_tokens_per_s": r.get("reader_tokens_per_s")} for r in all_results}}))
+        "reader_tokens_per_s": r.get("reader_tokens_per_s"), "writer_tokens_per_s": r.get("writer_tokens_per_s")}
+        for r in all_results}}))
 
 
 if __name__ == "__main__":

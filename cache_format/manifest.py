@@ -9,6 +9,7 @@ import pyarrow.fs as pafs
 from . import storage
 from .errors import CacheError
 from .fingerprint import named_ids, tokenizer_fingerprint, tokenizer_json
+from .token_bytes import probe_kind
 from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SPLITS
 
 MANIFEST_NAME = "manifest.json"
@@ -61,6 +62,7 @@ class TokenizerInfo:
     eos_id: int
     file_sha256: str = ""     # sha256 of the cache's tokenizer.json; "" (older caches, slow tokenizers): no file
     named_ids: dict = field(default_factory=dict)   # {"bos", "eos", "unk", "pad"}: id or None; {} in older caches
+    token_bytes: str = ""     # token_bytes.KINDS: every id stands for fixed bytes (text spans); "": not recorded
 
     @classmethod
     def of(cls, tokenizer, cache_dir: str | os.PathLike) -> "TokenizerInfo":
@@ -71,7 +73,7 @@ class TokenizerInfo:
         return cls(vocab_size=len(tokenizer), fingerprint=tokenizer_fingerprint(tokenizer),
                    eos_id=int(tokenizer.eos_token_id),
                    file_sha256=storage.sha256(fs, path) if storage.size(fs, path) is not None else "",
-                   named_ids=named_ids(tokenizer))
+                   named_ids=named_ids(tokenizer), token_bytes=probe_kind(tokenizer, tokenizer_json(tokenizer)))
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,8 @@ _train = functools.partial(config_option, TrainConfig)
 
 @cli.command()
 @_train("cache", str, "Cache directory written by `kdcache capture`.")
-@_train("student", str, "HF model directory of the student (same tokenizer as the teacher).")
+@_train("student", str, "HF model directory of the student (the teacher's tokenizer, or any with "
+                        "--cross-tokenizer).")
 @_train("out", str, "Run directory: metrics, checkpoints, final student, plots.")
 @_train("loss", click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]),
         "Divergence on the K+1 buckets; ce = plain continued pre-training (no teacher).")
@@ -248,6 +249,10 @@ _train = functools.partial(config_option, TrainConfig)
 @_train("log_every", int, "Write a metrics.jsonl record every N steps.")
 @_train("eval_rows", int, "Val rows per domain for the final eval (0: skip).")
 @_train("prefetch", int, "Batches read ahead on a background thread.")
+@_train("cross_tokenizer", bool, "The student has another tokenizer: align it with the teacher's by byte spans; KD "
+        "where the next tokens match exactly (needs a cache that records token bytes).")
+@_train("unaligned", click.Choice(["chunk", "skip"]), "--cross-tokenizer: chunks that do not align exactly are "
+        "distilled by their likelihood (chunk) or not at all (skip).")
 @click.option("--resume", is_flag=True, help="Continue RUN from its latest checkpoint (same config and cache).")
 @click.option("--config", "config_path", default=None, help="YAML file: any of these options (underscored names).")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the plan (steps, tokens, epochs, "
@@ -279,6 +284,8 @@ def train(ctx: click.Context, config_path: str | None, dry_run: bool, **options)
 @config_option(EvalConfig, "max_new_tokens", int, "With --generate: tokens per generated reply.")
 @config_option(EvalConfig, "teacher", str, "With --generate: HF model directory of the teacher, whose own replies "
                "are scored too (the ceiling).")
+@config_option(EvalConfig, "cross_tokenizer", bool, "The student has another tokenizer: measure it on its own tokens "
+               "(CE/KL where they align exactly with the teacher's, the aligned share and CE on all of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_(as_json: bool, **options) -> None:
     """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity; with --generate, ROUGE-L of
@@ -289,10 +296,13 @@ def eval_(as_json: bool, **options) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{'domain':<16} {'tokens':>10} {'student_ce':>11} {'teacher_ce':>11} {'kl':>8} {'ppl':>10}")
+    cross = "aligned_share" in report["mean"]
+    click.echo(f"{'domain':<16} {'tokens':>10} {'student_ce':>11} {'teacher_ce':>11} {'kl':>8} {'ppl':>10}"
+               + (f" {'aligned':>8} {'trained_ce':>11}" if cross else ""))
     for name, d in [*report["domains"].items(), ("mean", report["mean"])]:
         click.echo(f"{name:<16} {d['tokens']:>10} {d['student_ce']:>11.4f} {d['teacher_ce']:>11.4f} "
-                   f"{d['kl']:>8.4f} {d['ppl']:>10.2f}")
+                   f"{d['kl']:>8.4f} {d['ppl']:>10.2f}"
+                   + (f" {d['aligned_share']:>8.3f} {d['trained_ce']:>11.4f}" if cross else ""))
     gen = report.get("generate")
     if gen:
         models = list(gen)                                      # student, then teacher with --teacher

@@ -14,6 +14,7 @@ from trainer.losses import BUCKET_LOSSES
 LOSS_NAMES = (*BUCKET_LOSSES, "ce")
 SAMPLINGS = ("natural", "uniform", "ddk")
 PRECISIONS = ("auto", "fp32", "bf16")
+UNALIGNED = ("chunk", "skip")          # cross-tokenizer: unaligned chunks distilled by their likelihood, or left out
 # Options that may change on --resume without changing the run's results.
 RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "log_every", "prefetch", "device", "eval_rows")
 
@@ -67,6 +68,8 @@ class TrainConfig:
     eval_rows: int = 64                # val rows per domain for the final eval (0: skip)
     prefetch: int = 2                  # batches read ahead on a background thread
     resume: bool = False
+    cross_tokenizer: bool = False      # a student with another tokenizer: aligned by byte spans (cross_tokenizer.py)
+    unaligned: str = "chunk"           # cross-tokenizer: KD on unaligned chunks (chunk likelihood) or none (skip)
 
     def __post_init__(self):
         ddk = self.sampling == "ddk"
@@ -82,6 +85,9 @@ class TrainConfig:
 
         need(self.loss in LOSS_NAMES, "loss", f"unknown loss (expected one of {', '.join(LOSS_NAMES)})")
         need(self.sampling in SAMPLINGS, "sampling", f"unknown sampling (expected one of {', '.join(SAMPLINGS)})")
+        need(self.unaligned in UNALIGNED, "unaligned", f"expected one of {', '.join(UNALIGNED)}")
+        need(not (self.cross_tokenizer and self.ddk_profile), "ddk_profile",
+             "a profile is measured on the teacher's tokens; with --cross-tokenizer DDK measures its own start")
         need(self.precision in PRECISIONS, "precision", f"expected one of {', '.join(PRECISIONS)}")
         for name in ("steps", "batch_size", "grad_accum", "chunk_size", "log_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, name, "must be >= 1")

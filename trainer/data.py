@@ -43,7 +43,7 @@ import queue
 import threading
 import zlib
 from itertools import count
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -146,7 +146,8 @@ class _DomainReader:
 class CacheStream:
     """Padded batches of a split for one rank; `next_batch(weights)` draws each row's domain, then reads it."""
 
-    def __init__(self, cache: Cache, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cache: Cache, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 student_rows: Callable[[dict], dict] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         check_cache(cache, split)
@@ -155,7 +156,8 @@ class CacheStream:
         self.domains = cache.domains(split)
         if not self.domains:
             raise CacheError(f"{cache.root}: split {split!r} has no rows")
-        self.pad_id = cache.manifest.tokenizer.eos_id
+        self.student_rows = student_rows                # cross-tokenizer: teacher row -> the student's (StudentRows)
+        self.pad_id = cache.manifest.tokenizer.eos_id if student_rows is None else student_rows.pad_id
         self.step = 0                                   # batches consumed
         self._readers = {d: _DomainReader(cache, split, d, seed, rank, world_size) for d in self.domains}
 
@@ -178,6 +180,8 @@ class CacheStream:
         w = self.weight_vector(weights)
         picks = [self.domains[choose_domain(w, self.seed, self.step, b)] for b in range(self.batch_size)]
         rows = [self._readers[d].next_row() for d in picks]
+        if self.student_rows is not None:
+            rows = [self.student_rows(r) for r in rows]
         self.step += 1
         return collate(rows, self.pad_id)
 
@@ -279,7 +283,9 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     an isolated-packed row), the padding numbered 0, 1, ... as a document of its own: a model given position_ids
     and no attention_mask (transformers then builds block-diagonal causal attention) never lets a document or the
     padding attend to another. domains, row_index and epoch (None for rows not read by a CacheStream) are lists
-    of B naming the rows.
+    of B naming the rows. Student rows of a cross-tokenizer run (trainer/cross_tokenizer.py) add ce_mask (B, T)
+    (their `trained`: the CE positions; loss_mask is then the exactly aligned ones), chunk_id (B, T) (made unique
+    in the batch: row b's chunk c is b * T + c; -1 none) and chunk_logprob (B, T) (NaN padding).
     """
     B, T, K = len(rows), max(len(r["input_ids"]) for r in rows), rows[0]["topk_ids"].shape[1]
     input_ids = np.full((B, T), pad_id, np.int64)                       # (B, T)
@@ -297,7 +303,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         target_logprobs[b, :n] = r["target_logprobs"]
         loss_mask[b, :n] = r["supervised"]
         position_ids[b, :n] = r["position_ids"]
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy((np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)),
         "position_ids": torch.from_numpy(position_ids),
@@ -309,6 +315,17 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "row_index": [r["row_index"] for r in rows],
         "epoch": [r.get("epoch") for r in rows],
     }
+    if "trained" in rows[0]:
+        ce_mask, chunk_id = np.zeros((B, T), bool), np.full((B, T), -1, np.int64)             # (B, T) each
+        chunk_logprob = np.full((B, T), np.nan, np.float32)                                    # (B, T)
+        for b, r in enumerate(rows):
+            n = lengths[b]
+            ce_mask[b, :n] = r["trained"]
+            chunk_id[b, :n] = np.where(r["chunk_id"] >= 0, r["chunk_id"] + b * T, -1)
+            chunk_logprob[b, :n] = r["chunk_logprob"]
+        batch.update(ce_mask=torch.from_numpy(ce_mask), chunk_id=torch.from_numpy(chunk_id),
+                     chunk_logprob=torch.from_numpy(chunk_logprob))
+    return batch
 
 
 class CacheBatches(IterableDataset):

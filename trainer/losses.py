@@ -389,3 +389,21 @@ def kd_ce_objective(kd, ce, kd_mask, mask, kd_weight: float, ce_weight: float):
     loss = kd_weight * kd_loss + ce_weight * ce_loss
     per_position = kd_weight * torch.where(kd_mask, kd, 0.0) + ce_weight * torch.where(mask, ce, 0.0)
     return loss, kd_loss.detach(), ce_loss.detach(), per_position.detach()
+
+
+def chunk_likelihood_kl(ce, chunk_id, chunk_logprob):
+    """Cross-tokenizer distillation of unaligned chunks (trainer/cross_tokenizer.py): at each chunk's last
+    position, the Bernoulli KL(p || q) between the teacher's probability p of the chunk's text (exp chunk_logprob)
+    and the student's q (the product of its probabilities of the chunk's tokens, exp -sum ce). Zero iff q = p.
+    ce (N,) the student's CE at each position; chunk_id (N,) int64, the chunk (unique in the batch) a position's
+    next token is in, -1 none; chunk_logprob (N,) NaN except at a chunk's last position.
+    Returns (per-position KL (N,), 0 off the last positions; the last positions (N,) bool)."""
+    inside = chunk_id >= 0
+    index = torch.where(inside, chunk_id, 0)
+    lq_chunk = torch.zeros_like(ce, dtype=torch.float32).index_add(0, index, torch.where(inside, -ce.float(), 0.0))
+    last = ~torch.isnan(chunk_logprob)                                           # (N,)
+    lp = torch.where(last, chunk_logprob.float(), -1.0).clamp(max=-1e-6)         # (N,) log p < 0
+    lq = torch.where(last, lq_chunk[index], -1.0).clamp(max=-1e-6)               # (N,) log q < 0
+    p = lp.exp()
+    kl = p * (lp - lq) + (1 - p) * (torch.log(-torch.expm1(lp)) - torch.log(-torch.expm1(lq)))
+    return torch.where(last, kl, 0.0), last

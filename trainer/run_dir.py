@@ -43,7 +43,8 @@ def prepare_run(run: Path, cfg: TrainConfig, ident: dict, write: bool = True) ->
     if not config_path.exists():
         raise KdcacheError(f"--resume: {run} holds no training run (no config.json)")
     saved = json.loads(config_path.read_text())
-    saved_config = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}    # options newer than the run's
+    saved_config = {**defaults, **{k: v for k, v in saved["config"].items() if k not in RESUME_FREE}}
     diffs = [f"{k}: {saved_config.get(k)!r} -> {v!r}" for k, v in ident["config"].items()
              if saved_config.get(k) != v]
     for key, what in (("cache_fingerprint", "the cache"), ("student_fingerprint", "the starting student")):

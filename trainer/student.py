@@ -40,6 +40,11 @@ def _resolve_dtype(dtype, device: torch.device):
     return dtype
 
 
+def max_positions(model) -> int:
+    """The longest sequence the model's config takes (max_position_embeddings; unbounded when it names none)."""
+    return getattr(model.config, "max_position_embeddings", None) or 1 << 30
+
+
 def output_rows(model) -> int:
     """Rows of the model's output embedding (its logit count, padding included)."""
     head = model.get_output_embeddings()
@@ -146,7 +151,8 @@ def check_student_tokenizer(tokenizer, cache: Cache | Manifest, where: str = "")
     last = len(teacher.tokens) - 1
     if isinstance(result, str):
         raise KdcacheError(f"{who}: its tokenizer differs from the cache's teacher tokenizer {result} (a student "
-                           f"must use the teacher's tokenizer, or extend it with tokens after id {last})")
+                           f"must use the teacher's tokenizer, or extend it with tokens after id {last}, or train "
+                           f"with --cross-tokenizer)")
     if result:
         log.warning("%s: its tokenizer extends the teacher's with %d tokens (ids %d..%d) that the teacher never "
                     "predicts; the student learns to give them no mass", who, result, last + 1,
@@ -164,7 +170,7 @@ def check_student_vocab(model, manifest: Manifest, where: str = "student", token
                            f"tokenizer vocabulary of {vocab}{theirs}")
 
 
-def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None):
+def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None, cross_tokenizer: bool = False):
     """(model, tokenizer) from an HF model directory, checked against the cache; model in eval mode.
 
     cache: the Cache, or only its manifest (a student whose tokenizer extends the teacher's is then recognised
@@ -172,7 +178,9 @@ def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None):
     available else cpu. dtype: None = checkpoint dtype on GPU / float32 on CPU, "auto", a name ("bfloat16") or a
     torch.dtype. Raises KdcacheError (one line naming the path) for a missing path, a directory that is not a
     model, a missing tokenizer, a foreign tokenizer (one extending the teacher's is accepted with a warning), or
-    too few output rows (fewer than the cache's vocabulary or than the student's own tokenizer).
+    too few output rows (fewer than the cache's vocabulary or than the student's own tokenizer). cross_tokenizer:
+    any tokenizer is taken (trainer/cross_tokenizer.py aligns it with the teacher's); the output rows must cover
+    the student's own tokenizer only.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +195,8 @@ def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None):
         raise KdcacheError(f"{path}: no usable tokenizer in the student directory "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     manifest = cache.manifest if isinstance(cache, Cache) else cache
-    check_student_tokenizer(tokenizer, cache, str(path))
+    if not cross_tokenizer:
+        check_student_tokenizer(tokenizer, cache, str(path))
     dev = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=_resolve_dtype(dtype, dev))
@@ -196,7 +205,12 @@ def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None):
     except Exception as e:
         raise KdcacheError(f"{path}: cannot load the student model "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    check_student_vocab(model, manifest, str(path), len(tokenizer))
+    if cross_tokenizer:
+        if output_rows(model) < len(tokenizer):
+            raise KdcacheError(f"{path}: the student's output embedding has {output_rows(model)} rows, fewer than its "
+                               f"tokenizer's {len(tokenizer)} tokens")
+    else:
+        check_student_vocab(model, manifest, str(path), len(tokenizer))
     return model.to(dev).eval(), tokenizer
 
 

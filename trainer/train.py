@@ -39,15 +39,17 @@ from cache_format import Cache, KdcacheError, open_cache, storage
 from trainer import distributed
 from trainer.adakd import LATF, adakd_token_weights
 from trainer.config import TrainConfig
+from trainer.cross_tokenizer import StudentRows
 from trainer.data import CacheStream, PrefetchStream
 from trainer.evaluate import evaluate
-from trainer.losses import BUCKET_LOSSES, check_sampled_targets, chunked_buckets, kd_ce_objective
+from trainer.losses import (BUCKET_LOSSES, check_sampled_targets, chunk_likelihood_kl, chunked_buckets,
+                            kd_ce_objective)
 from trainer.plots import plot_run
 from trainer.profile import load_profile
 from trainer.run_dir import (MetricsLog, identity, load_state, prepare_run, read_metrics, save_checkpoint, save_final,
                              state_dicts)
 from trainer.sampling import DDKSampler, FixedSampler
-from trainer.student import load_student, resolve_device
+from trainer.student import load_student, max_positions, resolve_device
 
 log = logging.getLogger("kdcache")
 
@@ -86,6 +88,8 @@ class _Trainee:
     stream: CacheStream
     autocast: object                    # () -> context: bf16 autocast, or nothing
     eval_model: torch.nn.Module         # FSDP: the sharded root (every rank takes part); else the local replica
+    vocab: int                          # the ids the student learns (its tokenizer's, or the teacher's if more)
+    student_rows: StudentRows | None    # --cross-tokenizer: teacher rows -> the student's
 
 
 def _train(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> dict:
@@ -94,7 +98,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> d
     ckpt = distributed.on_main(lambda: prepare_run(run, cfg, identity(cfg, t.cache, ranks.world_size)), ranks)
     start = _restore(t, ckpt, cfg, ranks, device) if ckpt is not None else 0
     measure = lambda: evaluate(t.cache, t.eval_model, "val", cfg.batch_size, cfg.ddk_val_rows, device,  # noqa: E731
-                               ranks=ranks)
+                               ranks=ranks, student_rows=t.student_rows)
     started = t.sampler.start(measure) if ckpt is None else None                # DDK: Eq. 1 before step 1
     if started:
         distributed.check_identical(t.sampler.weights, "DDK domain weights", ranks)
@@ -131,7 +135,10 @@ def plan_train(cfg: TrainConfig) -> dict:
     checkpoint for --resume) and write nothing; the plan: steps, rows and tokens, epochs per domain at the starting
     weights, and an estimate of the memory a step needs."""
     cache, sampler = _open(cfg)
-    model, _ = load_student(cfg.student, cache, torch.device("cpu"), dtype=torch.float32)
+    model, tokenizer = load_student(cfg.student, cache, torch.device("cpu"), dtype=torch.float32,
+                                    cross_tokenizer=cfg.cross_tokenizer)
+    if cfg.cross_tokenizer:
+        StudentRows.for_cache(cache, tokenizer, 0, cfg.student)                 # the cache and tokenizer checked
     world = int(os.environ.get("WORLD_SIZE", 1))
     CacheStream(cache, "train", cfg.batch_size, cfg.seed, 0, world)                      # sizes checked
     ckpt = prepare_run(Path(cfg.out), cfg, identity(cfg, cache, world), write=False)
@@ -181,7 +188,10 @@ def _open(cfg: TrainConfig) -> tuple[Cache, FixedSampler | DDKSampler]:
 
 def _build(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> _Trainee:
     cache, sampler = _open(cfg)
-    model, tokenizer = load_student(cfg.student, cache, device, dtype=torch.float32)
+    model, tokenizer = load_student(cfg.student, cache, device, dtype=torch.float32,
+                                    cross_tokenizer=cfg.cross_tokenizer)
+    student_rows = StudentRows.for_cache(cache, tokenizer, max_positions(model), cfg.student) \
+        if cfg.cross_tokenizer else None
     if getattr(model.get_output_embeddings(), "bias", None) is not None:
         raise KdcacheError(f"{cfg.student}: an output layer with a bias is not supported")
     if cfg.gradient_checkpointing:
@@ -189,7 +199,7 @@ def _build(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> _
     model.train()
     if cfg.compile:
         model.base_model.compile()
-    vocab = max(cache.manifest.tokenizer.vocab_size, len(tokenizer))   # a student's own added tokens are trained
+    vocab = len(tokenizer) if cfg.cross_tokenizer else max(cache.manifest.tokenizer.vocab_size, len(tokenizer))
     student = distributed.wrap(_Distiller(model, vocab, cfg.chunk_size, buckets=cfg.loss != "ce"),
                                list(getattr(model.base_model, "layers", [])), cfg.fsdp, ranks, device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -202,9 +212,10 @@ def _build(cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> _
     return _Trainee(
         cache=cache, model=model, tokenizer=tokenizer, student=student, optimizer=optimizer, sampler=sampler,
         latf=LATF.from_config(cfg.adakd_config, cfg.steps) if cfg.adakd else None,
-        stream=CacheStream(cache, "train", cfg.batch_size, cfg.seed, ranks.rank, ranks.world_size),  # sizes checked
+        stream=CacheStream(cache, "train", cfg.batch_size, cfg.seed, ranks.rank, ranks.world_size,  # sizes checked
+                           student_rows),
         autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
-        eval_model=student if cfg.fsdp else model)
+        eval_model=student if cfg.fsdp else model, vocab=vocab, student_rows=student_rows)
 
 
 def _restore(t: _Trainee, ckpt: Path, cfg: TrainConfig, ranks: distributed.Dist, device: torch.device) -> int:
@@ -232,14 +243,19 @@ def _optimizer_step(t: _Trainee, batches: PrefetchStream, step: int, cfg: TrainC
         group["lr"] = lr
     weights = dict(t.sampler.weights)
     focus = t.latf.ratio if t.latf is not None else 1.0                         # LATF's share of tokens to distil
-    stats, tokens, row_losses, row_domains = {}, 0, [], []
+    stats, tokens, row_losses, row_domains, aligned = {}, 0, [], [], {}
     for i in range(cfg.grad_accum):
         batch = batches.next_batch(weights)
         if log.isEnabledFor(logging.DEBUG):                                     # --debug: the rows trained on
             log.debug("rank %d step %d rows %s", ranks.rank, step + 1,          # [[domain, epoch, row]]
                       json.dumps(list(zip(batch["domains"], batch["epoch"], batch["row_index"]))))
-        _check_ids(batch, t.cache.manifest.tokenizer.vocab_size, step)
+        _check_ids(batch, t.vocab, step)
         tokens += int(batch["attention_mask"].sum())                            # on the host: no sync
+        if "ce_mask" in batch:                                                  # cross-tokenizer: exactly aligned
+            for d, n_aligned, n_trained in zip(batch["domains"], batch["loss_mask"].sum(1).tolist(),
+                                               batch["ce_mask"].sum(1).tolist()):
+                a, n = aligned.get(d, (0, 0))
+                aligned[d] = (a + n_aligned, n + n_trained)
         with distributed.grad_sync(t.student, i + 1 == cfg.grad_accum):        # reduce on the last micro-batch
             with t.autocast():
                 loss, micro, row_loss = _micro_step(t.student, _to_device(batch, device), cfg, focus)
@@ -259,7 +275,8 @@ def _optimizer_step(t: _Trainee, batches: PrefetchStream, step: int, cfg: TrainC
     t.optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, **stats, "lr": lr, "grad_norm": norm_v, "tokens": tokens,
             "tokens_per_s": tokens / (time.perf_counter() - t0), "domain_weights": weights,
-            "domain_loss": {d: sum(vs) / len(vs) for d, vs in sorted(domain_loss.items())}}
+            "domain_loss": {d: sum(vs) / len(vs) for d, vs in sorted(domain_loss.items())},
+            **({"aligned_share": {d: a / max(n, 1) for d, (a, n) in sorted(aligned.items())}} if aligned else {})}
 
 
 def _mean_over_ranks(means: torch.Tensor, tokens: int, ranks: distributed.Dist) -> tuple[torch.Tensor, int]:
@@ -315,7 +332,8 @@ def _finish(t: _Trainee, cfg: TrainConfig, run: Path, ranks: distributed.Dist, d
         plot_run(run, read_metrics(run / "metrics.jsonl"))
     report = {}
     if cfg.eval_rows and t.cache.domains("val"):
-        report = evaluate(t.cache, t.eval_model, "val", cfg.batch_size, cfg.eval_rows, device, ranks=ranks)
+        report = evaluate(t.cache, t.eval_model, "val", cfg.batch_size, cfg.eval_rows, device, ranks=ranks,
+                          student_rows=t.student_rows)
         if ranks.main:
             storage.write_json(run / "eval.json", report)
         log.info("val: mean student CE %.4f (ppl %.2f), teacher CE %.4f, KL %.4f -> %s", report["mean"]["student_ce"],
@@ -350,9 +368,12 @@ class _Distiller(torch.nn.Module):
 
 def _micro_step(student, batch: dict, cfg: TrainConfig, focus: float = 1.0):
     """(loss, stats, per-row loss (B,) detached) of one micro-batch; stats: detached 0-dim tensors ("kd_loss",
-    "ce_loss", and AdaKD's when on). student: a (wrapped) _Distiller. focus: LATF's ratio of tokens to distil."""
+    "ce_loss", and AdaKD's when on). student: a (wrapped) _Distiller. focus: LATF's ratio of tokens to distil.
+    A cross-tokenizer batch (data.collate) has KD on its exactly aligned positions (loss_mask), CE on ce_mask, and
+    with --unaligned chunk the chunk-likelihood KL of its unaligned chunks among the KD positions."""
     mask = batch["loss_mask"]                                                     # (B, T)
     B, T = mask.shape
+    ce_mask = batch.get("ce_mask", mask).reshape(B * T)                          # (B*T,)
     buckets, ce = student(batch["input_ids"], batch["position_ids"], batch["topk_ids"],
                           batch["topk_logprobs"])                                 # (B*T, K+1) x3, (B*T,)
     mask = mask.reshape(B * T)
@@ -364,9 +385,13 @@ def _micro_step(student, batch: dict, cfg: TrainConfig, focus: float = 1.0):
             lp, lq, live = buckets
             kd_mask, tau, adakd_stats = adakd_token_weights(lp, lq.detach(), live, mask, focus, cfg.adakd_config)
         kd = BUCKET_LOSSES[cfg.loss](*buckets, tau, **cfg.loss_params)             # (B*T,)
+        if cfg.cross_tokenizer and cfg.unaligned == "chunk":
+            chunk_kl, last = chunk_likelihood_kl(ce, batch["chunk_id"].reshape(B * T),
+                                                 batch["chunk_logprob"].reshape(B * T))
+            kd, kd_mask = torch.where(last, chunk_kl, kd), kd_mask | last
         kd_weight, ce_weight = cfg.kd_weight, cfg.ce_weight
-    loss, kd_loss, ce_loss, per_position = kd_ce_objective(kd, ce, kd_mask, mask, kd_weight, ce_weight)
-    row_loss = per_position.reshape(B, T).sum(1) / mask.reshape(B, T).sum(1).clamp_min(1)  # (B,)
+    loss, kd_loss, ce_loss, per_position = kd_ce_objective(kd, ce, kd_mask, ce_mask, kd_weight, ce_weight)
+    row_loss = per_position.reshape(B, T).sum(1) / ce_mask.reshape(B, T).sum(1).clamp_min(1)  # (B,)
     return loss, {"kd_loss": kd_loss, "ce_loss": ce_loss, **adakd_stats}, row_loss
 
 

@@ -92,7 +92,7 @@ def test_a_renamed_token_is_refused_naming_id_and_both_tokens(toy_cache, tiny_mo
     line = one_line_error(r)
     assert f"student {student}: its tokenizer differs from the cache's teacher tokenizer at id {i}: teacher " \
            f"{old!r}, student '<renamed>' (a student must use the teacher's tokenizer, or extend it with tokens " \
-           f"after id {len(tok) - 1})" in line, line
+           f"after id {len(tok) - 1}, or train with --cross-tokenizer)" in line, line
 
 
 def test_a_shorter_tokenizer_is_refused(toy_cache, tiny_models, tmp_path):

@@ -1,0 +1,298 @@
+"""Cross-tokenizer distillation from one cache: CPT vs cross-tokenizer KD vs same-tokenizer KD, equal steps.
+
+    python scripts/bench_cross_tokenizer.py [--work build/bench-cross] [--steps 600] [--warmup-steps 200]
+        [--students byte-level:2048,metaspace:1536] [--doc docs/benchmarks.md]      # ~20 min on 2 cores
+
+1. the cache: the shipped reference teacher (byte-level BPE, 1,024 ids) over the reference corpus (four text
+   domains and the chat domain), through the CLI (`kdcache capture --backend hf --top-k 64 --seq-len 128`);
+2. the student tokenizers (--students KIND:IDS), each a BPE trained on the same corpus: `byte-level` has the
+   teacher's pre-tokenizer and special tokens and another size (other merges); `metaspace` is SentencePiece-style
+   (Llama 2's layout: "▁" words, digits not split, byte fallback, none of the teacher's chat markers). One student
+   per tokenizer, of the shipped student's shape (random init); the shipped student has the teacher's tokenizer;
+3. each student is warmed up with CE (--warmup-steps, as the demo does), then every method trains from its
+   warmed-up student for --steps with the same batch, lr and seed (`kdcache train`): CPT and the KD variants on
+   every tokenizer (cross-tokenizer on the students', same-tokenizer on the teacher's);
+4. `kdcache eval --cross-tokenizer --json` on the val split scores every student on its own tokens: nats per byte
+   of text (comparable across tokenizers), CE per own token, and the share of positions aligned exactly (the
+   teacher-tokenizer student, through the same alignment, aligns 100 %: a check); training speed is rows/s and
+   tokens/s from metrics.jsonl;
+5. the table and the plot (docs/cross_tokenizer.png) go to --doc between CROSS-TOKENIZER markers, and
+   WORK/results.json; StudentRows' own speed (teacher rows -> student rows on one core) is measured too.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.options import option_args  # noqa: E402
+from trainer.run_dir import read_metrics  # noqa: E402
+
+ASSETS = ROOT / "pipeline" / "assets" / "reference"
+DOMAINS = ("code", "data", "prose", "arith", "chat")
+BEGIN, END = "<!-- CROSS-TOKENIZER BEGIN -->", "<!-- CROSS-TOKENIZER END -->"
+
+# name: `kdcache train` options; CROSS on each student tokenizer (with --cross-tokenizer), SAME on the teacher's
+CROSS = {
+    "CPT": dict(loss="ce"),
+    "KD, --unaligned chunk": dict(loss="fkl"),
+    "KD, --unaligned skip": dict(loss="fkl", unaligned="skip"),
+    "KD + CE, --unaligned chunk": dict(loss="fkl", ce_weight=1.0),
+    "DDK+AdaKD, --unaligned chunk": dict(loss="fkl", sampling="ddk", kd_weight=1.0, ce_weight=0.0, adakd=True),
+}
+SAME = {
+    "CPT": dict(loss="ce"),
+    "KD": dict(loss="fkl"),
+    "KD + CE": dict(loss="fkl", ce_weight=1.0),
+    "DDK+AdaKD": dict(loss="fkl", sampling="ddk", kd_weight=1.0, ce_weight=0.0, adakd=True),
+}
+TEACHER_TOKENIZER = "teacher's (byte-level, 1,024)"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def kdcache(args: list[str], logfile: Path) -> float:
+    """Run `python -m pipeline ARGS` (one torch thread), its output to logfile; seconds taken."""
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "pipeline", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): kdcache {' '.join(args)}; see {logfile}")
+    return time.perf_counter() - t0
+
+
+def corpus_texts() -> list[str]:
+    """The reference corpus as plain text (a conversation: its messages' contents)."""
+    texts = []
+    for d in DOMAINS:
+        for line in (ASSETS / "corpus" / f"{d}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            texts += [m["content"] for m in rec["messages"]] if "messages" in rec else [rec["text"]]
+    return texts
+
+
+def build_student_tokenizer(out: Path, kind: str, vocab_size: int):
+    """A BPE of vocab_size ids trained on the corpus. byte-level: the teacher's pre-tokenizer (single digits, GPT-2
+    byte-level) and special tokens (its merges differ: another size). metaspace: a SentencePiece-style BPE as Llama 2
+    and Mistral have (words marked with "▁", digits not split, 256 byte-fallback tokens, <unk> <s> </s> and none of
+    the teacher's chat markers, which it reads as text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    teacher = AutoTokenizer.from_pretrained(ASSETS / "teacher")
+    tok = Tokenizer(models.BPE())
+    if kind == "byte-level":
+        specials = sorted({t for t in teacher.get_vocab() if t.startswith("<|") and t.endswith("|>")},
+                          key=teacher.convert_tokens_to_ids)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(corpus_texts(), trainer=trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=teacher.eos_token, bos_token=teacher.bos_token)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=["<unk>", "<s>", "</s>"],
+                                      show_progress=False)
+        tok.train_from_iterator(corpus_texts(), trainer=trainer)
+        spec = json.loads(tok.to_str())
+        vocab = spec["model"]["vocab"]
+        for b in range(256):                                     # byte fallback: every byte has a token
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        spec["model"].update(byte_fallback=True, unk_token="<unk>")
+        fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                       bos_token="<s>", eos_token="</s>")
+    fast.chat_template = teacher.chat_template
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_student(out: Path, tokenizer, seed: int = 0) -> None:
+    """The shipped student's architecture with the tokenizer's vocabulary, seed-fixed random init."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ASSETS / "student")
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def rows_per_second(cache: Path, tokenizer_dir: Path, rows: int = 400) -> dict:
+    """StudentRows on one core: teacher train rows -> student rows, rows/s and teacher tokens/s."""
+    from transformers import AutoTokenizer
+
+    from cache_format import open_cache
+    from trainer.cross_tokenizer import StudentRows
+
+    c = open_cache(cache)
+    sr = StudentRows.for_cache(c, AutoTokenizer.from_pretrained(tokenizer_dir), 1 << 30)
+    got = []
+    for d in c.domains("train"):
+        for i, row in enumerate(c.iter_rows("train", d)):
+            if i >= rows // len(c.domains("train")):
+                break
+            got.append(row)
+    t0 = time.perf_counter()
+    for row in got:
+        sr(row)
+    dt = time.perf_counter() - t0
+    return {"rows_per_s": len(got) / dt, "teacher_tokens_per_s": sum(len(r["input_ids"]) for r in got) / dt}
+
+
+def speed(run: Path, batch: int) -> dict:
+    """rows/s and tokens/s over the run's loop (metrics.jsonl: elapsed_s of the last record, tokens summed)."""
+    records = read_metrics(run / "metrics.jsonl")
+    elapsed = records[-1]["elapsed_s"]
+    return {"rows_per_s": len(records) * batch / elapsed, "tokens_per_s": sum(r["tokens"] for r in records) / elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="build/bench-cross")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--students", default="byte-level:2048,metaspace:1536", help="KIND:IDS,... (byte-level|metaspace)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-tokens-per-domain", type=int, default=120_000)
+    p.add_argument("--doc", default="docs/benchmarks.md")
+    p.add_argument("--plot", default="docs/cross_tokenizer.png")
+    args = p.parse_args()
+    work = (ROOT / args.work).resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    cache = work / "cache"
+    if not (cache / "manifest.json").exists():
+        log("capture: the reference teacher over the reference corpus")
+        kdcache(["capture", "--backend", "hf", "--teacher", str(ASSETS / "teacher"), "--top-k", "64",
+                 "--seq-len", "128", "--val-fraction", "0.05", "--max-tokens-per-domain",
+                 str(args.max_tokens_per_domain), "--out", str(cache),
+                 *[a for d in DOMAINS for a in ("--data", f"{d}={ASSETS / 'corpus' / f'{d}.jsonl'}")]],
+                work / "logs" / "capture.log")
+    students = {TEACHER_TOKENIZER: (ASSETS / "student", SAME, {})}
+    for spec in args.students.split(","):
+        kind, ids = spec.split(":")
+        path = work / f"student-{kind}-{ids}"
+        if not (path / "config.json").exists():
+            log(f"student tokenizer: {kind} BPE of {ids} ids on the same corpus")
+            build_student(path, build_student_tokenizer(work / f"tokenizer-{kind}-{ids}", kind, int(ids)))
+        students[f"{kind}, {int(ids):,}"] = (path, CROSS, {"cross_tokenizer": True})
+
+    base = dict(batch_size=args.batch_size, lr=args.lr, seed=0, eval_rows=0, log_every=1)
+    results = {}
+    for tokenizer, (path, methods, cross) in students.items():
+        slug = "".join(c if c.isalnum() else "-" for c in tokenizer.lower()).strip("-")
+        warm = work / "runs" / slug / "warmup"
+        if not (warm / "final" / "config.json").exists():
+            log(f"warm-up ({tokenizer}): {args.warmup_steps} CE steps")
+            kdcache(["train", "--cache", str(cache), "--student", str(path), "--out", str(warm),
+                     *option_args({**base, **cross, "steps": args.warmup_steps, "loss": "ce"})],
+                    work / "logs" / f"{slug}-warmup.log")
+        for name, options in methods.items():
+            run = work / "runs" / slug / "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+            if not (run / "final" / "config.json").exists():
+                log(f"train ({tokenizer}): {name}")
+                kdcache(["train", "--cache", str(cache), "--student", str(warm / "final"), "--out", str(run),
+                         *option_args({**base, **cross, "steps": args.steps, **options})],
+                        work / "logs" / f"{slug}-{run.name}.log")
+            r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--cache", str(cache), "--student",
+                                str(run / "final"), "--cross-tokenizer", "--json"], capture_output=True, text=True,
+                               cwd=ROOT)
+            if r.returncode:
+                sys.exit(f"eval failed: {r.stderr[-2000:]}")
+            results[f"{tokenizer} / {name}"] = {"tokenizer": tokenizer, "method": name, "options": options,
+                                                "eval": json.loads(r.stdout), "speed": speed(run, args.batch_size)}
+            log(f"{tokenizer} / {name}: {results[f'{tokenizer} / {name}']['eval']['mean']['ce_per_byte']:.4f} "
+                f"nats/byte")
+    convert = {t: rows_per_second(cache, path) for t, (path, _, cross) in students.items() if cross}
+    out = {"command": " ".join(["python", "scripts/bench_cross_tokenizer.py", *sys.argv[1:]]),
+           "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size, "lr": args.lr,
+           "student_rows": convert, "results": results,
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "minutes": round((time.time() - t_start) / 60, 1)}
+    (work / "results.json").write_text(json.dumps(out, indent=1))
+    lines = report(out)
+    print("\n".join(lines))
+    plot(out, ROOT / args.plot)
+    doc = ROOT / args.doc
+    text = doc.read_text()
+    block = "\n".join([BEGIN, *lines, END])
+    text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):] if BEGIN in text else \
+        text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+    log(f"wrote {doc} and {args.plot}")
+
+
+def report(out: dict) -> list[str]:
+    res = out["results"]
+    same = res[f"{TEACHER_TOKENIZER} / KD"]["speed"]
+    lines = [f"`{out['command']}` ({out['machine']}, {out['minutes']} min). Teacher: the reference teacher "
+             f"(byte-level BPE, 1,024 ids). Each student warmed up with {out['warmup_steps']} CE steps, then "
+             f"{out['steps']} steps of batch {out['batch_size']}, lr {out['lr']}, seed 0. Val nats per byte of text "
+             f"(lower is better; comparable across tokenizers), the share of trained positions aligned exactly "
+             f"(mean over domains), and training speed:",
+             "",
+             "| student tokenizer | method | " + " | ".join(DOMAINS) + " | **mean** | CE / own token | aligned | "
+             "rows/s | tokens/s | rows/s ÷ same-tok. KD |",
+             "|---|---|" + "---|" * (len(DOMAINS) + 6)]
+    for r in res.values():
+        e, s = r["eval"], r["speed"]
+        lines.append(f"| {r['tokenizer']} | {r['method']} | "
+                     + " | ".join(f"{e['domains'][d]['ce_per_byte']:.4f}" for d in DOMAINS)
+                     + f" | **{e['mean']['ce_per_byte']:.4f}** | {e['mean']['trained_ce']:.4f} | "
+                     f"{e['mean']['aligned_share']:.3f} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
+                     f"{s['rows_per_s'] / same['rows_per_s']:.2f} |")
+    lines += ["", "Share of trained positions aligned exactly, per domain (val, the CPT student of each tokenizer):",
+              "", "| student tokenizer | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
+    for r in res.values():
+        if r["method"] == "CPT":
+            lines.append(f"| {r['tokenizer']} | "
+                         + " | ".join(f"{r['eval']['domains'][d]['aligned_share']:.3f}" for d in DOMAINS) + " |")
+    lines += ["", "StudentRows (teacher rows -> the student's, on the prefetch thread, one core): "
+              + "; ".join(f"{t}: {c['rows_per_s']:.0f} rows/s ({c['teacher_tokens_per_s'] / 1e3:.0f}k teacher "
+                          f"tokens/s)" for t, c in out["student_rows"].items()) + "."]
+    return lines
+
+
+def plot(out: dict, path: Path) -> None:
+    """Mean val nats per byte of every method, grouped by student tokenizer, with CPT's as a line per group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = list(out["results"].values())
+    tokenizers = list(dict.fromkeys(r["tokenizer"] for r in res))
+    fig, axes = plt.subplots(1, len(tokenizers), figsize=(4.2 * len(tokenizers), 4.2), sharey=True)
+    for ax, tok in zip(axes, tokenizers):
+        rows = [r for r in res if r["tokenizer"] == tok]
+        values = [r["eval"]["mean"]["ce_per_byte"] for r in rows]
+        ax.bar(range(len(rows)), values, color=["0.6" if r["method"] == "CPT" else "C0" for r in rows])
+        ax.axhline(values[0], color="0.3", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)), [r["method"].replace(", --unaligned ", "\n") for r in rows], rotation=45,
+                      ha="right", fontsize=7)
+        ax.set_title(f"student tokenizer: {tok}", fontsize=9)
+        ax.set_ylim(min(v for r in res for v in [r["eval"]["mean"]["ce_per_byte"]]) * 0.9, None)
+    axes[0].set_ylabel("val nats per byte, mean of 5 domains (lower is better)")
+    fig.suptitle(f"One cache, three student tokenizers: {out['steps']} steps after a {out['warmup_steps']}-step "
+                 f"CE warm-up", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -157,8 +157,9 @@ def inspect(cache: str, as_json: bool) -> None:
     t = summary["teacher"]
     click.echo(f"cache      {cache}  (format {summary['format_version']}, codec {summary['codec']['name']})")
     click.echo(f"teacher    {t['name']}  [{t['engine']} {t['engine_version']}, {t['dtype']}, {t['logprobs_mode']}]")
-    click.echo(f"tokenizer  vocab {summary['tokenizer']['vocab_size']}, eos {summary['tokenizer']['eos_id']}, "
-               f"fingerprint {summary['tokenizer']['fingerprint'][:12]}")
+    tok = summary["tokenizer"]
+    click.echo(f"tokenizer  vocab {tok['vocab_size']}, eos {tok['eos_id']}, fingerprint {tok['fingerprint'][:12]}, "
+               f"token bytes {tok['token_bytes'] or 'not recorded (no --cross-tokenizer students)'}")
     click.echo(f"top_k      {summary['top_k']}   seq_len {summary['seq_len']}   packing {summary['packing']}")
     click.echo(f"{'split':<6} {'domain':<16} {'rows':>8} {'tokens':>12} {'supervised':>12} {'bytes':>12} "
                f"{'B/token':>8}")
@@ -207,7 +208,8 @@ _train = functools.partial(config_option, TrainConfig)
 @_train("loss", click.Choice(["fkl", "rkl", "jsd", "sfkl", "srkl", "tvd", "akl", "ce"]),
         "Divergence on the K+1 buckets; ce = plain continued pre-training (no teacher).")
 @_train("kd_weight", float, "Weight of the KD term (default 1, DDK: 0.2).")
-@_train("ce_weight", float, "Weight of CE on the actual next token, mixed into any KD loss (default 0, DDK: 1).")
+@_train("ce_weight", float, "Weight of CE on the actual next token, mixed into any KD loss (default 0; DDK and "
+        "--cross-tokenizer: 1).")
 @_train("temperature", float)
 @_train("jsd_beta", float, "jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention).")
 @_train("skew_alpha", float, "sfkl/srkl: the skew (DistiLLM).")
@@ -298,11 +300,12 @@ def eval_(as_json: bool, **options) -> None:
         return
     cross = "aligned_share" in report["mean"]
     click.echo(f"{'domain':<16} {'tokens':>10} {'student_ce':>11} {'teacher_ce':>11} {'kl':>8} {'ppl':>10}"
-               + (f" {'aligned':>8} {'trained_ce':>11}" if cross else ""))
+               + (f" {'aligned':>8} {'trained_ce':>11} {'ce_per_byte':>12}" if cross else ""))
     for name, d in [*report["domains"].items(), ("mean", report["mean"])]:
         click.echo(f"{name:<16} {d['tokens']:>10} {d['student_ce']:>11.4f} {d['teacher_ce']:>11.4f} "
                    f"{d['kl']:>8.4f} {d['ppl']:>10.2f}"
-                   + (f" {d['aligned_share']:>8.3f} {d['trained_ce']:>11.4f}" if cross else ""))
+                   + (f" {d['aligned_share']:>8.3f} {d['trained_ce']:>11.4f} {d['ce_per_byte']:>12.4f}" if cross
+                      else ""))
     gen = report.get("generate")
     if gen:
         models = list(gen)                                      # student, then teacher with --teacher

@@ -1,12 +1,13 @@
 """Cross-tokenizer distillation from one cache: CPT vs cross-tokenizer KD vs same-tokenizer KD, equal steps.
 
     python scripts/bench_cross_tokenizer.py [--work build/bench-cross] [--steps 600] [--warmup-steps 200]
-        [--students byte-level:2048,metaspace:1536] [--doc docs/benchmarks.md]      # ~20 min on 2 cores
+        [--students byte-level:2048,metaspace:1536] [--seeds 0,1] [--doc docs/benchmarks.md]   # ~35 min
 
 1. the cache: the shipped reference teacher (byte-level BPE, 1,024 ids) over the reference corpus (four text
    domains and the chat domain), through the CLI (`kdcache capture --backend hf --top-k 64 --seq-len 128`);
-2. the student tokenizers (--students KIND:IDS), each a BPE trained on the same corpus: `byte-level` has the
-   teacher's pre-tokenizer and special tokens and another size (other merges); `metaspace` is SentencePiece-style
+2. the student tokenizers (--students KIND:IDS), each a BPE of at most IDS ids trained on the same corpus:
+   `byte-level` has the teacher's pre-tokenizer and special tokens and another size (other merges, and BPE training
+   stops early on this small corpus: 1,277 ids); `metaspace` is SentencePiece-style
    (Llama 2's layout: "▁" words, digits not split, byte fallback, none of the teacher's chat markers). One student
    per tokenizer, of the shipped student's shape (random init); the shipped student has the teacher's tokenizer;
 3. each student is warmed up with CE (--warmup-steps, as the demo does), then every method trains from its
@@ -38,19 +39,20 @@ ASSETS = ROOT / "pipeline" / "assets" / "reference"
 DOMAINS = ("code", "data", "prose", "arith", "chat")
 BEGIN, END = "<!-- CROSS-TOKENIZER BEGIN -->", "<!-- CROSS-TOKENIZER END -->"
 
-# name: `kdcache train` options; CROSS on each student tokenizer (with --cross-tokenizer), SAME on the teacher's
+# name: `kdcache train` options; CROSS on each student tokenizer (with --cross-tokenizer, whose CE weight is 1 by
+# default), SAME on the teacher's. "KD + CE" is the like-for-like pair.
 CROSS = {
     "CPT": dict(loss="ce"),
-    "KD, --unaligned chunk": dict(loss="fkl"),
-    "KD, --unaligned skip": dict(loss="fkl", unaligned="skip"),
-    "KD + CE, --unaligned chunk": dict(loss="fkl", ce_weight=1.0),
-    "DDK+AdaKD, --unaligned chunk": dict(loss="fkl", sampling="ddk", kd_weight=1.0, ce_weight=0.0, adakd=True),
+    "KD + CE, --unaligned chunk": dict(loss="fkl"),
+    "KD + CE, --unaligned skip": dict(loss="fkl", unaligned="skip"),
+    "KD alone, --unaligned chunk": dict(loss="fkl", ce_weight=0.0),
+    "DDK+AdaKD + CE, --unaligned chunk": dict(loss="fkl", sampling="ddk", kd_weight=1.0, adakd=True),
 }
 SAME = {
     "CPT": dict(loss="ce"),
-    "KD": dict(loss="fkl"),
     "KD + CE": dict(loss="fkl", ce_weight=1.0),
-    "DDK+AdaKD": dict(loss="fkl", sampling="ddk", kd_weight=1.0, ce_weight=0.0, adakd=True),
+    "KD alone": dict(loss="fkl"),
+    "DDK+AdaKD + CE": dict(loss="fkl", sampling="ddk", kd_weight=1.0, adakd=True),
 }
 TEACHER_TOKENIZER = "teacher's (byte-level, 1,024)"
 
@@ -168,6 +170,7 @@ def main() -> None:
     p.add_argument("--students", default="byte-level:2048,metaspace:1536", help="KIND:IDS,... (byte-level|metaspace)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", default="0,1", help="each method is trained once per seed (its warm-up too)")
     p.add_argument("--max-tokens-per-domain", type=int, default=120_000)
     p.add_argument("--doc", default="docs/benchmarks.md")
     p.add_argument("--plot", default="docs/cross_tokenizer.png")
@@ -189,39 +192,44 @@ def main() -> None:
         kind, ids = spec.split(":")
         path = work / f"student-{kind}-{ids}"
         if not (path / "config.json").exists():
-            log(f"student tokenizer: {kind} BPE of {ids} ids on the same corpus")
+            log(f"student tokenizer: {kind} BPE of at most {ids} ids on the same corpus")
             build_student(path, build_student_tokenizer(work / f"tokenizer-{kind}-{ids}", kind, int(ids)))
-        students[f"{kind}, {int(ids):,}"] = (path, CROSS, {"cross_tokenizer": True})
+        size = json.loads((path / "config.json").read_text())["vocab_size"]      # BPE training may stop early
+        students[f"{kind}, {size:,}"] = (path, CROSS, {"cross_tokenizer": True})
 
-    base = dict(batch_size=args.batch_size, lr=args.lr, seed=0, eval_rows=0, log_every=1)
     results = {}
     for tokenizer, (path, methods, cross) in students.items():
-        slug = "".join(c if c.isalnum() else "-" for c in tokenizer.lower()).strip("-")
-        warm = work / "runs" / slug / "warmup"
-        if not (warm / "final" / "config.json").exists():
-            log(f"warm-up ({tokenizer}): {args.warmup_steps} CE steps")
-            kdcache(["train", "--cache", str(cache), "--student", str(path), "--out", str(warm),
-                     *option_args({**base, **cross, "steps": args.warmup_steps, "loss": "ce"})],
-                    work / "logs" / f"{slug}-warmup.log")
-        for name, options in methods.items():
-            run = work / "runs" / slug / "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-            if not (run / "final" / "config.json").exists():
-                log(f"train ({tokenizer}): {name}")
-                kdcache(["train", "--cache", str(cache), "--student", str(warm / "final"), "--out", str(run),
-                         *option_args({**base, **cross, "steps": args.steps, **options})],
-                        work / "logs" / f"{slug}-{run.name}.log")
-            r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--cache", str(cache), "--student",
-                                str(run / "final"), "--cross-tokenizer", "--json"], capture_output=True, text=True,
-                               cwd=ROOT)
-            if r.returncode:
-                sys.exit(f"eval failed: {r.stderr[-2000:]}")
-            results[f"{tokenizer} / {name}"] = {"tokenizer": tokenizer, "method": name, "options": options,
-                                                "eval": json.loads(r.stdout), "speed": speed(run, args.batch_size)}
-            log(f"{tokenizer} / {name}: {results[f'{tokenizer} / {name}']['eval']['mean']['ce_per_byte']:.4f} "
-                f"nats/byte")
+        slug = "-".join("".join(c if c.isalnum() else " " for c in tokenizer.lower()).split())
+        for seed in map(int, args.seeds.split(",")):
+            base = dict(batch_size=args.batch_size, lr=args.lr, seed=seed, eval_rows=0, log_every=1, **cross)
+            runs = work / "runs" / slug / f"seed-{seed}"
+            warm = runs / "warmup"
+            if not (warm / "final" / "config.json").exists():
+                log(f"warm-up ({tokenizer}, seed {seed}): {args.warmup_steps} CE steps")
+                kdcache(["train", "--cache", str(cache), "--student", str(path), "--out", str(warm),
+                         *option_args({**base, "steps": args.warmup_steps, "loss": "ce"})],
+                        work / "logs" / f"{slug}-{seed}-warmup.log")
+            for name, options in methods.items():
+                run = runs / "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+                if not (run / "final" / "config.json").exists():
+                    log(f"train ({tokenizer}, seed {seed}): {name}")
+                    kdcache(["train", "--cache", str(cache), "--student", str(warm / "final"), "--out", str(run),
+                             *option_args({**base, "steps": args.steps, **options})],
+                            work / "logs" / f"{slug}-{seed}-{run.name}.log")
+                r = subprocess.run([sys.executable, "-m", "pipeline", "eval", "--cache", str(cache), "--student",
+                                    str(run / "final"), "--cross-tokenizer", "--json"], capture_output=True,
+                                   text=True, cwd=ROOT)
+                if r.returncode:
+                    sys.exit(f"eval failed: {r.stderr[-2000:]}")
+                entry = results.setdefault(f"{tokenizer} / {name}", {"tokenizer": tokenizer, "method": name,
+                                                                     "options": options, "seeds": {}})
+                entry["seeds"][seed] = {"eval": json.loads(r.stdout), "speed": speed(run, args.batch_size)}
+                log(f"{tokenizer} / {name} / seed {seed}: "
+                    f"{entry['seeds'][seed]['eval']['mean']['ce_per_byte']:.4f} nats/byte")
     convert = {t: rows_per_second(cache, path) for t, (path, _, cross) in students.items() if cross}
     out = {"command": " ".join(["python", "scripts/bench_cross_tokenizer.py", *sys.argv[1:]]),
            "steps": args.steps, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size, "lr": args.lr,
+           "seeds": [int(x) for x in args.seeds.split(",")],
            "student_rows": convert, "results": results,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "minutes": round((time.time() - t_start) / 60, 1)}
@@ -238,31 +246,45 @@ def main() -> None:
     log(f"wrote {doc} and {args.plot}")
 
 
+def seed_mean(entry: dict, get) -> float:
+    return sum(get(r) for r in entry["seeds"].values()) / len(entry["seeds"])
+
+
+def seed_range(entry: dict, get) -> str:
+    values = [get(r) for r in entry["seeds"].values()]
+    return f"{min(values):.4f}–{max(values):.4f}" if len(values) > 1 else ""
+
+
 def report(out: dict) -> list[str]:
     res = out["results"]
-    same = res[f"{TEACHER_TOKENIZER} / KD"]["speed"]
+    ce = lambda d: lambda r: r["eval"]["domains"][d]["ce_per_byte"]                      # noqa: E731
+    mean_ce = lambda r: r["eval"]["mean"]["ce_per_byte"]                                 # noqa: E731
+    rows_s = lambda r: r["speed"]["rows_per_s"]                                          # noqa: E731
+    same = seed_mean(res[f"{TEACHER_TOKENIZER} / KD + CE"], rows_s)
     lines = [f"`{out['command']}` ({out['machine']}, {out['minutes']} min). Teacher: the reference teacher "
-             f"(byte-level BPE, 1,024 ids). Each student warmed up with {out['warmup_steps']} CE steps, then "
-             f"{out['steps']} steps of batch {out['batch_size']}, lr {out['lr']}, seed 0. Val nats per byte of text "
-             f"(lower is better; comparable across tokenizers), the share of trained positions aligned exactly "
-             f"(mean over domains), and training speed:",
+             f"(byte-level BPE, 1,024 ids). Each student is warmed up with {out['warmup_steps']} CE steps, then "
+             f"trained {out['steps']} steps of batch {out['batch_size']}, lr {out['lr']}, per seed "
+             f"({', '.join(map(str, out['seeds']))}: the warm-up and the run). Val nats per byte of text, "
+             f"the mean over seeds (lower is better; comparable across tokenizers), its range over seeds, CE per "
+             f"own token, the share of trained positions aligned exactly (mean over domains), and training speed:",
              "",
-             "| student tokenizer | method | " + " | ".join(DOMAINS) + " | **mean** | CE / own token | aligned | "
-             "rows/s | tokens/s | rows/s ÷ same-tok. KD |",
-             "|---|---|" + "---|" * (len(DOMAINS) + 6)]
+             "| student tokenizer | method | " + " | ".join(DOMAINS) + " | **mean** | range | CE / own token | "
+             "aligned | rows/s | tokens/s | rows/s ÷ same-tok. KD + CE |",
+             "|---|---|" + "---|" * (len(DOMAINS) + 7)]
     for r in res.values():
-        e, s = r["eval"], r["speed"]
         lines.append(f"| {r['tokenizer']} | {r['method']} | "
-                     + " | ".join(f"{e['domains'][d]['ce_per_byte']:.4f}" for d in DOMAINS)
-                     + f" | **{e['mean']['ce_per_byte']:.4f}** | {e['mean']['trained_ce']:.4f} | "
-                     f"{e['mean']['aligned_share']:.3f} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
-                     f"{s['rows_per_s'] / same['rows_per_s']:.2f} |")
-    lines += ["", "Share of trained positions aligned exactly, per domain (val, the CPT student of each tokenizer):",
+                     + " | ".join(f"{seed_mean(r, ce(d)):.4f}" for d in DOMAINS)
+                     + f" | **{seed_mean(r, mean_ce):.4f}** | {seed_range(r, mean_ce)} | "
+                     f"{seed_mean(r, lambda x: x['eval']['mean']['trained_ce']):.4f} | "
+                     f"{seed_mean(r, lambda x: x['eval']['mean']['aligned_share']):.3f} | "
+                     f"{seed_mean(r, rows_s):.1f} | {seed_mean(r, lambda x: x['speed']['tokens_per_s']):.0f} | "
+                     f"{seed_mean(r, rows_s) / same:.2f} |")
+    lines += ["", "Share of trained positions aligned exactly, per domain (val, each tokenizer's CPT student):",
               "", "| student tokenizer | " + " | ".join(DOMAINS) + " |", "|---|" + "---|" * len(DOMAINS)]
     for r in res.values():
         if r["method"] == "CPT":
-            lines.append(f"| {r['tokenizer']} | "
-                         + " | ".join(f"{r['eval']['domains'][d]['aligned_share']:.3f}" for d in DOMAINS) + " |")
+            lines.append(f"| {r['tokenizer']} | " + " | ".join(
+                f"{seed_mean(r, lambda x: x['eval']['domains'][d]['aligned_share']):.3f}" for d in DOMAINS) + " |")
     lines += ["", "StudentRows (teacher rows -> the student's, on the prefetch thread, one core): "
               + "; ".join(f"{t}: {c['rows_per_s']:.0f} rows/s ({c['teacher_tokens_per_s'] / 1e3:.0f}k teacher "
                           f"tokens/s)" for t, c in out["student_rows"].items()) + "."]
@@ -270,26 +292,33 @@ def report(out: dict) -> list[str]:
 
 
 def plot(out: dict, path: Path) -> None:
-    """Mean val nats per byte of every method, grouped by student tokenizer, with CPT's as a line per group."""
+    """Mean val nats per byte of every method (range over seeds as error bars), one panel per student tokenizer,
+    with CPT's as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     res = list(out["results"].values())
     tokenizers = list(dict.fromkeys(r["tokenizer"] for r in res))
-    fig, axes = plt.subplots(1, len(tokenizers), figsize=(4.2 * len(tokenizers), 4.2), sharey=True)
+    fig, axes = plt.subplots(1, len(tokenizers), figsize=(4.4 * len(tokenizers), 4.6), sharey=True)
+    every = []
     for ax, tok in zip(axes, tokenizers):
         rows = [r for r in res if r["tokenizer"] == tok]
-        values = [r["eval"]["mean"]["ce_per_byte"] for r in rows]
-        ax.bar(range(len(rows)), values, color=["0.6" if r["method"] == "CPT" else "C0" for r in rows])
-        ax.axhline(values[0], color="0.3", lw=0.8, ls="--")
-        ax.set_xticks(range(len(rows)), [r["method"].replace(", --unaligned ", "\n") for r in rows], rotation=45,
+        values = [[s["eval"]["mean"]["ce_per_byte"] for s in r["seeds"].values()] for r in rows]
+        means = [sum(v) / len(v) for v in values]
+        every += [x for v in values for x in v]
+        ax.bar(range(len(rows)), means, yerr=[[m - min(v) for m, v in zip(means, values)],
+                                              [max(v) - m for m, v in zip(means, values)]], capsize=3,
+               color=["0.6" if r["method"] == "CPT" else "C0" for r in rows])
+        ax.axhline(means[0], color="0.3", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)), [r["method"].replace(", --unaligned ", "\n") for r in rows], rotation=40,
                       ha="right", fontsize=7)
         ax.set_title(f"student tokenizer: {tok}", fontsize=9)
-        ax.set_ylim(min(v for r in res for v in [r["eval"]["mean"]["ce_per_byte"]]) * 0.9, None)
+    axes[0].set_ylim(min(every) * 0.95, min(max(every), 2 * min(every)) * 1.02)
     axes[0].set_ylabel("val nats per byte, mean of 5 domains (lower is better)")
-    fig.suptitle(f"One cache, three student tokenizers: {out['steps']} steps after a {out['warmup_steps']}-step "
-                 f"CE warm-up", fontsize=10)
+    fig.suptitle(f"One teacher cache, three student tokenizers: {out['steps']} steps after a {out['warmup_steps']}-"
+                 f"step CE warm-up (bars: mean over seeds {', '.join(map(str, out['seeds']))}; whiskers: range)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

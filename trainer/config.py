@@ -26,7 +26,8 @@ class TrainConfig:
     out: str
     loss: str = "fkl"                  # a BUCKET_LOSSES name, or "ce": plain continued pre-training (CPT)
     kd_weight: float | None = None     # None: 1.0, or DDK's gamma = 0.2 with sampling="ddk"
-    ce_weight: float | None = None     # None: 0.0, or 1.0 with sampling="ddk" (DDK's Eq. 3: CE + gamma * KL)
+    ce_weight: float | None = None     # None: 0.0; 1.0 with sampling="ddk" (DDK's Eq. 3: CE + gamma * KL) or
+                                       # cross_tokenizer (the student's own tokens: docs/benchmarks.md)
     temperature: float = 1.0
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1            # sfkl / srkl
@@ -76,7 +77,7 @@ class TrainConfig:
         if self.kd_weight is None:
             object.__setattr__(self, "kd_weight", 0.2 if ddk else 1.0)
         if self.ce_weight is None:
-            object.__setattr__(self, "ce_weight", 1.0 if ddk else 0.0)
+            object.__setattr__(self, "ce_weight", 1.0 if ddk or self.cross_tokenizer else 0.0)
 
         def need(ok: bool, option: str, rule: str):
             if not ok:

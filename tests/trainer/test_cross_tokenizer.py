@@ -389,6 +389,8 @@ def test_refusals(toy_cache, tokenizers, tmp_path):
     with pytest.raises(KdcacheError, match="byte for byte"):
         StudentRows.for_cache(open_cache(toy_cache), lossy, 1 << 30, "wp-student")
 
+    assert TrainConfig(cache="c", student="s", out="o", cross_tokenizer=True).ce_weight == 1.0   # measured default
+    assert TrainConfig(cache="c", student="s", out="o", cross_tokenizer=True, ce_weight=0.0).ce_weight == 0.0
     with pytest.raises(KdcacheError, match="--ddk-profile"):
         TrainConfig(cache="c", student="s", out="o", sampling="ddk", ddk_profile="p.json", cross_tokenizer=True)
     with pytest.raises(KdcacheError, match="--unaligned"):

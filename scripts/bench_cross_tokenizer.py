@@ -174,8 +174,11 @@ def main() -> None:
     p.add_argument("--max-tokens-per-domain", type=int, default=120_000)
     p.add_argument("--doc", default="docs/benchmarks.md")
     p.add_argument("--plot", default="docs/cross_tokenizer.png")
+    p.add_argument("--report-only", action="store_true", help="re-render --doc and --plot from WORK/results.json")
     args = p.parse_args()
     work = (ROOT / args.work).resolve()
+    if args.report_only:
+        return publish(json.loads((work / "results.json").read_text()), args)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
@@ -234,6 +237,11 @@ def main() -> None:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "minutes": round((time.time() - t_start) / 60, 1)}
     (work / "results.json").write_text(json.dumps(out, indent=1))
+    publish(out, args)
+
+
+def publish(out: dict, args) -> None:
+    """Print the tables, write them to args.doc between the markers, and the plot to args.plot."""
     lines = report(out)
     print("\n".join(lines))
     plot(out, ROOT / args.plot)
@@ -265,16 +273,20 @@ def report(out: dict) -> list[str]:
              f"(byte-level BPE, 1,024 ids). Each student is warmed up with {out['warmup_steps']} CE steps, then "
              f"trained {out['steps']} steps of batch {out['batch_size']}, lr {out['lr']}, per seed "
              f"({', '.join(map(str, out['seeds']))}: the warm-up and the run). Val nats per byte of text, "
-             f"the mean over seeds (lower is better; comparable across tokenizers), its range over seeds, CE per "
+             f"the mean over seeds (lower is better; comparable across tokenizers), its range over seeds, the "
+             f"difference to the same tokenizer's CPT from the same warm-up (per seed; negative: better), CE per "
              f"own token, the share of trained positions aligned exactly (mean over domains), and training speed:",
              "",
-             "| student tokenizer | method | " + " | ".join(DOMAINS) + " | **mean** | range | CE / own token | "
-             "aligned | rows/s | tokens/s | rows/s ÷ same-tok. KD + CE |",
-             "|---|---|" + "---|" * (len(DOMAINS) + 7)]
+             "| student tokenizer | method | " + " | ".join(DOMAINS) + " | **mean** | range | Δ vs CPT, per seed | "
+             "CE / own token | aligned | rows/s | tokens/s | rows/s ÷ same-tok. KD + CE |",
+             "|---|---|" + "---|" * (len(DOMAINS) + 8)]
     for r in res.values():
+        cpt = res[f"{r['tokenizer']} / CPT"]["seeds"]
+        delta = " / ".join(f"{mean_ce(x) - mean_ce(cpt[seed]):+.4f}" for seed, x in r["seeds"].items())
         lines.append(f"| {r['tokenizer']} | {r['method']} | "
                      + " | ".join(f"{seed_mean(r, ce(d)):.4f}" for d in DOMAINS)
                      + f" | **{seed_mean(r, mean_ce):.4f}** | {seed_range(r, mean_ce)} | "
+                     f"{delta if r['method'] != 'CPT' else ''} | "
                      f"{seed_mean(r, lambda x: x['eval']['mean']['trained_ce']):.4f} | "
                      f"{seed_mean(r, lambda x: x['eval']['mean']['aligned_share']):.3f} | "
                      f"{seed_mean(r, rows_s):.1f} | {seed_mean(r, lambda x: x['speed']['tokens_per_s']):.0f} | "

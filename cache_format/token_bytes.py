@@ -5,7 +5,8 @@ the concatenated bytes of a row's ids are the text the teacher read (after its n
 span is its place in that concatenation: nothing more needs storing per token. Two kinds do:
     byte-level   byte-level BPE (GPT-2, Llama 3, Qwen, Phi, OLMo, ...): each character of a token is one byte
     metaspace    SentencePiece-style (Llama 2, Mistral, Gemma, ...): "▁" is a space, "<0xNN>" (byte fallback) the byte
-Added tokens stand for their content. Capture records the kind in the manifest (`tokenizer.token_bytes`) once the
+Added tokens stand for their content (a plain one of a metaspace tokenizer with "▁" read as a space, as its decoder
+does: Gemma 3's whitespace-run tokens "▁▁", "▁▁▁", ...). Capture records the kind in the manifest (`tokenizer.token_bytes`) once the
 tokenizer has given back a probe text byte for byte (`byte_exact_table`); caches without it cannot teach a student with
 another tokenizer (trainer/cross_tokenizer.py).
 """
@@ -98,8 +99,11 @@ def token_bytes(text: str) -> TokenBytes:
         else:
             pieces[i] = piece.replace("▁", " ").encode("utf-8")
     special = np.zeros(size, bool)
-    for i, t in added.items():
-        pieces[i] = t["content"].encode("utf-8") if t["content"] != unk else None
+    for i, t in added.items():                                   # its content; the decoder reads "▁" in a plain
+        text = t["content"]                                      # added token as a space (Gemma's "▁▁", "▁▁▁", ...)
+        if kind == "metaspace" and not t.get("special"):
+            text = text.replace("▁", " ")
+        pieces[i] = text.encode("utf-8") if t["content"] != unk else None
         special[i] = bool(t.get("special"))
     lengths = np.array([len(p) if p is not None else -1 for p in pieces], np.int64)
     return TokenBytes(kind, pieces, lengths, special, fallback)

@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
                           SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, TopkV3, files_fingerprint, publish,
                           storage, weights_fingerprint, write_manifest, write_tokenizer)
+from trainer.tokenizer import load_tokenizer
 
 from . import __version__
 from .chat import load_template, resolve_template, template_fingerprint
@@ -84,6 +85,7 @@ class CaptureConfig:
     format: str = "auto"                # records: text, chat (messages), prompt-completion; auto: per record
     train_on: str = "assistant"         # conversations' trained tokens: assistant, last-assistant, all
     chat_template: str | None = None    # a Jinja file (or chat_template.json) instead of the tokenizer's
+    train_reasoning: bool = True        # conversations: an assistant turn's reasoning is trained with its reply
     packing: str | None = None          # concat or isolated; None: isolated when the corpus holds conversations
     teacher_url: tuple[str, ...] = ()   # vLLM servers of the teacher, instead of --teacher (pipeline/served.py)
     tokenizer: str | None = None        # with teacher_url: the teacher's tokenizer (a directory)
@@ -337,7 +339,7 @@ def _resolve(cfg: CaptureConfig) -> tuple[CaptureConfig, object, TeacherSource, 
         resolve_files(spec)
     template = load_template(cfg.chat_template) if cfg.chat_template else None
     packing = cfg.packing or ("isolated" if holds_conversations(cfg.data, cfg.text_field, cfg.format) else "concat")
-    reading = Reading(cfg.format, cfg.train_on, template, packing)
+    reading = Reading(cfg.format, cfg.train_on, template, packing, cfg.train_reasoning)
     if cfg.teacher_url:
         tokenizer = _load_tokenizer(cfg.tokenizer, "--tokenizer")
         return replace(cfg, backend="served", packing=packing), tokenizer, _served_source(cfg, tokenizer), reading
@@ -571,11 +573,7 @@ def _check_identity(out: Path, identity: dict) -> bool:
 
 
 def _load_tokenizer(path: str, option: str = "--teacher"):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise KdcacheError(f"{option} {path}: cannot load its tokenizer ({e})") from None
+    tokenizer = load_tokenizer(path, f"{option} {path}")
     if tokenizer.eos_token_id is None:
         raise KdcacheError(f"{option} {path}: tokenizer has no eos token (needed to join documents)")
     return tokenizer

@@ -13,13 +13,24 @@ Trained tokens (`--train-on`):
   assistant       the tokens of every assistant turn (of a prompt–completion pair: those of the completion)
   last-assistant  only those of the last such turn
   all             every token
-An assistant turn's tokens are what the model generates: its content and its end-of-turn marker (ChatML:
-"content<|im_end|>"), not the header before it ("<|im_start|>assistant\\n"). They come from the template's
-`{% generation %}` marks when it has them, else from prefix renders (`_turn_span`); a template that allows
-neither is refused, never silently trained on everything. A conversation without a trainable assistant turn
-renders with no trained token (with `all`: every token trained); the caller counts and skips it.
+An assistant turn's tokens are what the model generates: everything after its header through its end-of-turn
+marker (ChatML: "content<|im_end|>", not "<|im_start|>assistant\n" before it nor the "\n" after it). What the
+teacher sees is the render of the whole conversation, so the turns are located in that render: the header is the
+template's generation prompt (`layout`, found once by rendering a sentinel turn), each message's text is found in
+order after the one before, a reply after its header, and its end-of-turn marker (END_MARKERS, or eos) is the first
+one after it. So templates that rewrite earlier turns (Qwen3 drops their <think> blocks), append a generation prompt
+after every conversation (Llama 3.0) or fold the system prompt into the first user turn (Gemma) mask exactly; a
+reply the template drops or rewrites is refused, naming the turn. Templates with `{% generation %}` marks keep
+transformers' mask.
+
+Reasoning: a message's `reasoning_content` (Qwen3, DeepSeek-R1) or `thinking` (gpt-oss), or a reply written
+"<think>...</think>answer", renders through the template and is trained with its reply (`train_reasoning=False`:
+context). Reasoning under a field the template never reads is refused: the teacher would not see it. A
+conversation without a trainable assistant turn renders with no trained token (with `all`: every token trained);
+the caller counts and skips it.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -33,6 +44,12 @@ FORMATS = ("auto", "text", "chat", "prompt-completion")
 TRAIN_ON = ("assistant", "last-assistant", "all")
 # The tag transformers' AssistantTracker recognises (utils/chat_template_utils.py, same regex).
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# The end-of-turn markers templates write after a reply (the model generates them to end its turn), besides eos.
+END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<｜end▁of▁sentence｜>", "</s>", "<|end|>",
+               "<|return|>", "<|call|>", "<|endoftext|>", "<|end_of_text|>", "<|END_OF_TURN_TOKEN|>", "<eos>")
+# The message fields templates read an assistant's reasoning from: Qwen3 and DeepSeek-R1, gpt-oss.
+REASONING = ("reasoning_content", "thinking")
+_SENTINEL = "kdcache\u2063sentinel"
 
 
 @dataclass(frozen=True)
@@ -93,9 +110,10 @@ def check_messages(messages, where: str, name: str = "messages") -> list[dict]:
                 raise KdcacheError(f"{where}: {at} has no {key!r}")
         if m["role"] not in ROLES:
             raise KdcacheError(f"{where}: {at}.role {show(m['role'])} is not one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise KdcacheError(f"{where}: {at}.content must be a string, got {type(m['content']).__name__} "
-                               f"{show(m['content'])}")
+        for key in ("content", *REASONING):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise KdcacheError(f"{where}: {at}.{key} must be a string, got {type(m[key]).__name__} "
+                                   f"{show(m[key])}")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 
@@ -180,47 +198,123 @@ def _apply(tokenizer, messages: list[dict], template: str, where: str, **kwargs)
                            f"{_one_line(e)}") from e
 
 
-def _render_ids(tokenizer, messages: list[dict], template: str, where: str, gen_prompt: bool = False) -> list[int]:
-    return _tokenize(tokenizer, _apply(tokenizer, messages, template, where, tokenize=False,
-                                       add_generation_prompt=gen_prompt))
+@dataclass(frozen=True)
+class Layout:
+    """What a chat template writes around a reply, found once per (tokenizer, template) by rendering a sentinel:
+    `header` the text before a reply (its generation prompt, e.g. "<|im_start|>assistant\n"; "" if the probe
+    render fails), `markers` the end-of-turn markers of this tokenizer (END_MARKERS it has, and its eos)."""
+
+    header: str
+    markers: tuple[str, ...]
 
 
-def _unstable(tokenizer, where: str, turn: int, what: str, a: list[int], b: list[int]) -> KdcacheError:
-    """The prefix-stability error; shows the first differing tokens of a (the shorter render) and b."""
-    i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return KdcacheError(f"{where}: chat template is not prefix-stable at turn {turn}: {what} (token {i}: "
-                        f"{tokenizer.decode(a[i:i + 4])!r} vs {tokenizer.decode(b[i:i + 4])!r}); use a template "
-                        "with {% generation %} marks (--chat-template FILE)")
+@functools.lru_cache(maxsize=16)
+def layout(tokenizer, template: str) -> Layout:
+    """The Layout of `template` rendered by `tokenizer`: header = what the render of one user turn with
+    add_generation_prompt writes after the user's text and its end-of-turn marker (leading whitespace dropped)."""
+    specials = set(tokenizer.get_vocab()) & {*END_MARKERS, *([tokenizer.eos_token] if tokenizer.eos_token else [])}
+    markers = tuple(sorted(specials, key=len, reverse=True))
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001  a template that needs more than one user turn: replies located by text only
+        return Layout("", markers)
+    tail = text[text.find(_SENTINEL) + len(_SENTINEL):].lstrip() if _SENTINEL in text else ""
+    marker = next((m for m in markers if tail.startswith(m)), "")
+    return Layout(tail[len(marker):].lstrip(), markers)
 
 
-def _head(tokenizer, messages: list[dict], turn: int, ids: list[int], template: str, where: str) -> int:
-    """Number of tokens before assistant turn `turn`: the render of messages[:turn] with the generation prompt,
-    which must be a token-prefix of `ids` (the render through or past that turn)."""
-    if turn == 0:
-        raise KdcacheError(f"{where}: messages[0] is an assistant turn; without {{% generation %}} marks its "
-                           "tokens cannot be told from the template's (start with a system or user turn)")
-    head = _render_ids(tokenizer, messages[:turn], template, where, gen_prompt=True)
-    if ids[:len(head)] != head:
-        raise _unstable(tokenizer, where, turn, "the render before it (with add_generation_prompt) is not a "
-                        "token-prefix of the render through it", head, ids)
-    return len(head)
+def _reasoning(message: dict) -> tuple[str | None, str, str]:
+    """(the REASONING key the message carries or None, its reasoning text, its reply text). A reply written as
+    "<think>...</think>answer" (how Qwen3 and DeepSeek-R1 templates read a content) is split there."""
+    for key in REASONING:
+        if key in message:
+            return key, message[key], message["content"]
+    content = message["content"]
+    if message["role"] == "assistant" and "</think>" in content:
+        thought, answer = content.rsplit("</think>", 1)
+        return None, thought.split("<think>")[-1], answer.lstrip("\n")
+    return None, "", content
 
 
-def _turn_span(tokenizer, messages: list[dict], turn: int, ids: list[int], template: str,
-               where: str) -> tuple[int, int]:
-    """[start, end) in `ids` (the whole conversation's tokens) of assistant turn `turn`, by prefix renders:
-    head = render(messages[:turn], add_generation_prompt=True) and through = render(messages[:turn + 1]); head
-    must be a token-prefix of through and through of `ids`; the turn is through[len(head):] less trailing
-    whitespace-only tokens (ChatML's "\\n" after "<|im_end|>": written by the template, never generated)."""
-    through = _render_ids(tokenizer, messages[:turn + 1], template, where)
-    start = _head(tokenizer, messages, turn, through, template, where)
-    if ids[:len(through)] != through:
-        raise _unstable(tokenizer, where, turn, "its render is not a token-prefix of the whole conversation's",
-                        through, ids)
-    end = len(through)
-    while end > start and not tokenizer.decode(through[end - 1:end]).strip():
-        end -= 1
-    return start, end
+def _find(text: str, piece: str, start: int) -> tuple[int, int] | None:
+    """[a, b) of the first occurrence at or after `start` of `piece`, or else of piece.strip() (templates trim
+    contents); None if neither is there."""
+    for p in dict.fromkeys((piece, piece.strip())):
+        at = text.find(p, start)
+        if at >= 0:
+            return at, at + len(p)
+    return None
+
+
+def _find_reply(text: str, piece: str, start: int, lay: Layout) -> tuple[int, int] | None:
+    """Like _find, preferring an occurrence that an end-of-turn marker follows (whitespace aside) before the next
+    header: a reply that is also a word of the template's own text ("assistant" in gpt-oss's second header) is
+    found where the reply is."""
+    first = _find(text, piece, start)
+    if first is None or not lay.markers:
+        return first
+    stop = text.find(lay.header, first[1]) if lay.header else -1
+    stop = len(text) if stop < 0 else stop
+    for p in dict.fromkeys((piece, piece.strip())):
+        at = text.find(p, start)
+        while 0 <= at < stop:
+            k = at + len(p)
+            while k < len(text) and text[k].isspace():
+                k += 1
+            if any(text.startswith(m, k) for m in lay.markers):
+                return at, at + len(p)
+            at = text.find(p, at + 1)
+    return first
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """Where an assistant turn sits in the render (character offsets): `start` the first character after its
+    header (None: header not found), `thought` its reasoning's [a, b) (None: not in the render), `reply` its text's
+    [a, b), `end` the end of its end-of-turn marker (the reply's end when the template writes none)."""
+
+    start: int | None
+    thought: tuple[int, int] | None
+    reply: tuple[int, int]
+    end: int
+
+
+def _locate(text: str, messages: list[dict], lay: Layout, where: str, needed: set[int]) -> dict[int, _Turn]:
+    """The _Turn of every assistant message found in `text`, the render of the whole conversation. Messages are
+    found in order, each after the one before; an assistant reply after the next occurrence of the header. A
+    reply's end-of-turn marker is the first marker after it that comes before the next message and the next header.
+    KdcacheError for a turn in `needed` that is not there (the template drops or rewrites it)."""
+    turns, cursor = {}, 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            found = _find(text, m["content"], cursor)
+            cursor = found[1] if found else cursor
+            continue
+        head = text.find(lay.header, cursor) if lay.header else -1
+        start = head + len(lay.header) if head >= 0 else None
+        _, thought_text, answer = _reasoning(m)
+        after = cursor if start is None else start
+        bound = text.find(lay.header, after) if lay.header else -1         # a thought belongs before the next turn
+        thought = _find(text, thought_text, after) if thought_text.strip() else None
+        thought = thought if thought and (bound < 0 or thought[1] <= bound) else None
+        reply = _find_reply(text, answer, thought[1] if thought else after, lay)
+        if reply is None:
+            if i in needed:
+                raise KdcacheError(f"{where}: messages[{i}] (assistant) is not in the chat template's render (the "
+                                   f"template drops or rewrites it: {show(answer)}), so its tokens cannot be located")
+            continue
+        end = reply[1]
+        nxt = _find(text, messages[i + 1]["content"], end) if i + 1 < len(messages) else None
+        limit = nxt[0] if nxt else len(text)
+        if lay.header and 0 <= (h := text.find(lay.header, end)) < limit:
+            limit = h
+        marks = [(at, at + len(mk)) for mk in lay.markers if 0 <= (at := text.find(mk, end, limit))]
+        if marks:
+            end = min(marks)[1]
+        turns[i] = _Turn(start, thought, reply, end)
+        cursor = end
+    return turns
 
 
 def _runs(mask: list[bool]) -> list[tuple[int, int]]:
@@ -235,39 +329,67 @@ def _runs(mask: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _check_reasoning(messages: list[dict], template: str, where: str) -> None:
+    """KdcacheError for a message carrying reasoning under a field the template never reads: the teacher would
+    not see it, so it cannot be trained."""
+    for i, m in enumerate(messages):
+        key = _reasoning(m)[0]
+        if key is not None and key not in template:
+            raise KdcacheError(f"{where}: messages[{i}].{key} is not rendered: the chat template never reads "
+                               f"{key!r} (the teacher would not see it); drop the field, or pass a --chat-template "
+                               "that renders it")
+
+
 def render(tokenizer, messages: list[dict], train_on: str, where: str, template: str | None = None,
-           first_trained: int = 0) -> tuple[list[int], list[bool]]:
+           first_trained: int = 0, train_reasoning: bool = True) -> tuple[list[int], list[bool]]:
     """Tokens of a validated conversation (`check_messages`) rendered with the chat template (`template`, the
     text of --chat-template, else the tokenizer's), and per token whether it is trained (see the module doc).
-    Assistant turns before `first_trained` (a conversational prompt) are context, never trained.
+    Assistant turns before `first_trained` (a conversational prompt) are context, never trained. Without
+    `train_reasoning` a turn's reasoning (and the text between it and the reply) is context too.
 
-    With `{% generation %}` marks the mask is transformers' `return_assistant_tokens_mask`; its last run is the
-    last assistant turn. Without, each trained turn is located by prefix renders (`_turn_span`), and a template
-    that is not prefix-stable there is refused. Returns ids (n,) and trained (n,)."""
+    With `{% generation %}` marks the trained tokens are transformers' `return_assistant_tokens_mask`; without,
+    each trained turn is located in the render (`_locate`): from its header's end (or its reply, when the header
+    is not found) through its end-of-turn marker. A token is trained if its characters overlap a trained span.
+    Returns ids (n,) and trained (n,)."""
     if train_on not in TRAIN_ON:
         raise KdcacheError(f"--train-on {train_on!r} is not one of {', '.join(TRAIN_ON)}")
     template = resolve_template(tokenizer, template, where)
+    _check_reasoning(messages, template, where)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
     if train_on == "last-assistant":
         turns = turns[-1:]
-    if _GENERATION.search(template) and turns and train_on != "all":
+    text = _apply(tokenizer, messages, template, where, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    if train_on == "all":
+        return ids, [True] * len(ids)
+    generation = bool(_GENERATION.search(template)) and bool(turns)
+    located = _locate(text, messages, layout(tokenizer, template), where, set() if generation else set(turns))
+    if generation:
         out = _apply(tokenizer, messages, template, where, tokenize=True, return_dict=True,
                      return_assistant_tokens_mask=True)
-        ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-        lo = _head(tokenizer, messages, first_trained, ids, template, where) if first_trained else 0
-        spans = [(max(s, lo), e) for s, e in _runs(mask) if e > lo]
-        if not spans:
+        if list(out["input_ids"]) != ids:
+            raise KdcacheError(f"{where}: the chat template renders differently with return_assistant_tokens_mask")
+        marked = _runs([bool(m) for m in out["assistant_masks"]])
+        if not marked:
             raise KdcacheError(f"{where}: the chat template's {{% generation %}} marks no token of the "
                                "assistant turns")
+        spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in marked]
+        if first_trained:                                            # the prompt's assistant turns are context
+            lo = min((t.start if t.start is not None else t.reply[0] for i, t in located.items()
+                      if i >= first_trained), default=len(text))
+            spans = [(max(a, lo), b) for a, b in spans if b > lo]
         spans = spans[-1:] if train_on == "last-assistant" else spans
     else:
-        ids = _render_ids(tokenizer, messages, template, where)
-        if train_on == "all":
-            return ids, [True] * len(ids)
-        spans = [_turn_span(tokenizer, messages, i, ids, template, where) for i in turns]
-    trained = [False] * len(ids)
-    for s, e in spans:
-        trained[s:e] = [True] * (e - s)
+        spans = []
+        for i in turns:
+            t = located[i]
+            begin = t.start if t.start is not None else (t.thought or t.reply)[0]
+            spans.append((begin, t.end))
+    untrained = [] if train_reasoning else [(t.start if t.start is not None else t.thought[0], t.reply[0])
+                                            for t in located.values() if t.thought is not None]
+    trained = [any(a < e and b > s for s, e in spans) and not any(a >= s and b <= e for s, e in untrained)
+               for a, b in offsets]
     return ids, trained
 
 
@@ -289,9 +411,10 @@ def render_pair(tokenizer, prompt: str, completion: str, train_on: str) -> tuple
     return ids, [False] * k + [True] * (len(ids) - k)
 
 
-def render_example(tokenizer, example: Example, train_on: str, where: str,
-                   template: str | None = None) -> tuple[list[int], list[bool]]:
+def render_example(tokenizer, example: Example, train_on: str, where: str, template: str | None = None,
+                   train_reasoning: bool = True) -> tuple[list[int], list[bool]]:
     """`render` for a conversation Example, `render_pair` for a plain prompt–completion one."""
     if example.messages:
-        return render(tokenizer, example.messages, train_on, where, template, example.first_trained)
+        return render(tokenizer, example.messages, train_on, where, template, example.first_trained,
+                      train_reasoning)
     return render_pair(tokenizer, example.prompt, example.completion, train_on)

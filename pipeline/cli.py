@@ -97,6 +97,8 @@ _capture = functools.partial(config_option, CaptureConfig)     # an option whose
           "completion.")
 @_capture("chat_template", str, "Jinja file (or chat_template.json) that renders conversations; default: the "
           "teacher tokenizer's template.")
+@_capture("train_reasoning", bool, "Conversations: train an assistant turn's reasoning (reasoning_content or "
+          "thinking, rendered by the template) with its reply; --no-train-reasoning keeps it as context.")
 @_capture("packing", click.Choice(["isolated", "concat"]), "isolated: each document alone (own positions, no "
           "attention across documents), long conversations truncated; concat: one stream cut every --seq-len. "
           "Default: isolated when the corpus holds conversations, else concat.")

@@ -75,12 +75,14 @@ class CorpusStats:
 
 @dataclass(frozen=True)
 class Reading:
-    """How records become documents and rows: --format, --train-on, the --chat-template text, --packing."""
+    """How records become documents and rows: --format, --train-on, the --chat-template text, --packing,
+    --train-reasoning."""
 
     format: str = "auto"
     train_on: str = "assistant"
     template: str | None = None
     packing: str = "concat"
+    train_reasoning: bool = True
 
     def __post_init__(self):
         for name, value, allowed in (("--format", self.format, chat.FORMATS), ("--packing", self.packing, PACKINGS),
@@ -534,7 +536,7 @@ def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: Co
                         yield doc, tokens, np.ones(len(tokens), bool), True
                         continue
                     ids, trained = chat.render_example(tokenizer, doc.example, reading.train_on, doc.where,
-                                                       reading.template)
+                                                       reading.template, reading.train_reasoning)
                     if not doc.example.messages:                          # a plain pair: the model learns to stop
                         ids, trained = [*ids, eos_id], [*trained, True]
                     if not any(trained[1:]):

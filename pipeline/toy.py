@@ -93,8 +93,9 @@ FAMILIES = {
 
 
 def build_family(out_dir: Path, family: str, tokenizer, seed: int = 0, logit_std: float = 6.0, hidden: int = 128,
-                 layers: int = 2):
-    """A tiny random teacher of FAMILIES[family] (heads of 64, float32) saved with `tokenizer`. Its output
+                 layers: int = 2, vocab_size: int | None = None):
+    """A tiny random teacher of FAMILIES[family] (heads of 64, float32; vocab_size: the family's unless given)
+    saved with `tokenizer`. Its output
     projection is scaled so that the logits have about `logit_std` standard deviation before the family's own scale
     and soft-cap (real teachers' logits reach 20-30: a missing soft-cap or scale shows), and a bias, where the
     family has one, is drawn large enough to move the ranking."""
@@ -102,6 +103,7 @@ def build_family(out_dir: Path, family: str, tokenizer, seed: int = 0, logit_std
     import transformers
 
     config_class, model_class, vocab, options = FAMILIES[family]
+    vocab = vocab_size or vocab
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
         **{"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,

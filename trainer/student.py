@@ -18,6 +18,8 @@ import torch
 from cache_format import Cache, KdcacheError, Manifest, tokenizer_fingerprint, weights_fingerprint
 from cache_format.fingerprint import NAMED_TOKENS, bpe_merges, named_ids, tokenizer_json
 
+from .tokenizer import load_tokenizer
+
 log = logging.getLogger("kdcache")
 
 
@@ -124,10 +126,9 @@ def teacher_vocabulary(cache: Cache | Manifest) -> Vocabulary | None:
         return vocabulary_from_json(text, info.named_ids or {"eos": info.eos_id})
     if not Path(manifest.teacher.path).is_dir():
         return None
-    from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(manifest.teacher.path)
-    except Exception:  # noqa: BLE001  (no usable tokenizer there any more: as if the directory were gone)
+        tokenizer = load_tokenizer(manifest.teacher.path, f"teacher {manifest.teacher.path}")
+    except KdcacheError:  # no usable tokenizer there any more: as if the directory were gone
         return None
     return vocabulary(tokenizer) if tokenizer_fingerprint(tokenizer) == info.fingerprint else None
 
@@ -182,18 +183,14 @@ def load_student(path: str, cache: Cache | Manifest, device=None, dtype=None, cr
     any tokenizer is taken (trainer/cross_tokenizer.py aligns it with the teacher's); the output rows must cover
     the student's own tokenizer only.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
         raise KdcacheError(f"{path}: student model path does not exist")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise KdcacheError(f"{path}: not a model directory (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-    except Exception as e:  # transformers raises OSError / ValueError / TypeError depending on what is missing
-        raise KdcacheError(f"{path}: no usable tokenizer in the student directory "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    tokenizer = load_tokenizer(p, str(path))
     manifest = cache.manifest if isinstance(cache, Cache) else cache
     if not cross_tokenizer:
         check_student_tokenizer(tokenizer, cache, str(path))

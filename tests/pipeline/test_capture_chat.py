@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cache_format import open_cache, verify_cache
 from pipeline.toy import build_llama, build_tokenizer, domain_texts
 from tests.pipeline.test_capture import kdcache
-from tests.pipeline.test_chat import CHATML, CHATML_GEN, UNSTABLE
+from tests.pipeline.test_chat import CHATML, CHATML_GEN, REWRITES
 from trainer.data import collate
 from trainer.evaluate import evaluate
 
@@ -133,7 +133,7 @@ def test_supervised_positions_are_the_assistant_replies(chat_cache, chat_models,
 
 
 def test_a_template_without_generation_marks_gives_the_same_cache(chat_cache, chat_models, chat_corpus, tmp_path):
-    """--chat-template FILE without {% generation %}: the mask from prefix renders equals the marked one."""
+    """--chat-template FILE without {% generation %}: the mask located in the render equals the marked one."""
     (tmp_path / "chatml.jinja").write_text(CHATML)
     r = kdcache(*chat_capture(chat_models, chat_corpus, tmp_path / "cache", "--codec", "v1",
                               "--chat-template", tmp_path / "chatml.jinja"))
@@ -250,16 +250,17 @@ def test_bad_record_is_one_error_naming_file_and_record(chat_models, tmp_path, c
                    f"{path}: {message}")
 
 
-@pytest.mark.parametrize("case", ["raises", "not prefix-stable", "no template", "no assistant turn", "text lines"])
+@pytest.mark.parametrize("case", ["raises", "rewrites replies", "no template", "no assistant turn", "text lines"])
 def test_bad_template_or_domain_is_refused(chat_models, tiny_models, tmp_path, case):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD])
     models, extra = chat_models, []
     if case == "raises":
         (tmp_path / "t.jinja").write_text("{{ messages[0].content | no_such_filter }}")
         extra, message = ["--chat-template", tmp_path / "t.jinja"], f"{path}: record 1: the chat template failed"
-    elif case == "not prefix-stable":
-        (tmp_path / "t.jinja").write_text(UNSTABLE)
-        extra, message = ["--chat-template", tmp_path / "t.jinja"], f"{path}: record 1: chat template is not prefix-stable"
+    elif case == "rewrites replies":
+        (tmp_path / "t.jinja").write_text(REWRITES)
+        extra, message = ["--chat-template", tmp_path / "t.jinja"], (f"{path}: record 1: messages[1] (assistant) is "
+                                                                     "not in the chat template's render")
     elif case == "no template":
         models, message = tiny_models, f"{path}: record 1: the tokenizer {tiny_models['teacher']} has no chat template"
     elif case == "no assistant turn":

@@ -27,6 +27,13 @@ UNSTABLE = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.conte
 UNSTABLE_LAST = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}"
                  "{% if loop.last and m.role == 'assistant' %} !{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Appends the assistant header after every conversation (Llama 3.0 Instruct's way).
+ALWAYS_HEADER = CHATML.replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+                               "{{ '<|im_start|>assistant\\n' }}")
+# Keep only the last assistant turn; rewrite every reply (spaces -> "_").
+DROPS_EARLIER = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m.role != 'assistant' or "
+                               "loop.last %}").replace("{% endfor %}", "{% endif %}{% endfor %}")
+REWRITES = CHATML.replace("m.content", "(m.content | replace(' ', '_') if m.role == 'assistant' else m.content)")
 TEMPLATES = {"prefix": CHATML, "generation": CHATML_GEN}
 
 CHAT = [{"role": "system", "content": "the story"},
@@ -199,33 +206,34 @@ def test_to_messages_refuses_bad_records(record, fmt, expected):
     one_line_error(e, WHERE, expected)
 
 
-@pytest.mark.parametrize("template, messages, turn, what", [
-    (UNSTABLE, CHAT, 2, "the render before it (with add_generation_prompt) is not a token-prefix"),
-    (UNSTABLE, CHAT[:3], 2, "the render before it (with add_generation_prompt) is not a token-prefix"),
-    (UNSTABLE_LAST, CHAT, 2, "its render is not a token-prefix of the whole conversation's"),
+@pytest.mark.parametrize("template, messages, expected", [
+    (UNSTABLE, CHAT, ["return x<|im_end|>", "3 = 1 + 2 !<|im_end|>"]),
+    (UNSTABLE, CHAT[:3], ["return x !<|im_end|>"]),
+    (UNSTABLE_LAST, CHAT, ["return x<|im_end|>", "3 = 1 + 2 !<|im_end|>"]),
+    (ALWAYS_HEADER, CHAT, ["return x<|im_end|>", "3 = 1 + 2<|im_end|>"]),
 ])
-def test_prefix_unstable_template_is_refused(tok, template, messages, turn, what):
-    with pytest.raises(KdcacheError) as e:
-        render(tok, messages, "assistant", WHERE, template=template)
-    one_line_error(e, WHERE, f"not prefix-stable at turn {turn}: {what}")
-    # Training on every token needs no turn boundary, so it is fine.
+def test_templates_that_rewrite_earlier_turns_are_located_in_the_whole_render(tok, template, messages, expected):
+    """Earlier renders are no prefixes of later ones (a mark on the last turn, a header appended regardless): each
+    reply is found in the whole conversation's render, through its end-of-turn marker, and nothing after it."""
+    ids, trained = render(tok, messages, "assistant", WHERE, template=template)
+    assert trained_texts(tok, ids, trained) == expected
     ids, trained = render(tok, messages, "all", WHERE, template=template)
-    assert tok.decode(ids).endswith(" !<|im_end|>\n") and all(trained)
+    assert all(trained)
 
 
-def test_last_turn_only_marker_is_fine_when_the_last_turn_is_the_only_trained_one(tok):
-    ids, trained = render(tok, CHAT[:3], "assistant", WHERE, template=UNSTABLE_LAST)
-    assert trained_texts(tok, ids, trained) == ["return x !<|im_end|>"]
-    ids, trained = render(tok, CHAT, "last-assistant", WHERE, template=UNSTABLE_LAST)
-    assert trained_texts(tok, ids, trained) == ["3 = 1 + 2 !<|im_end|>"]
-
-
-def test_leading_assistant_turn(tok):
-    msgs = [CHAT[2], CHAT[3], CHAT[4]]
+@pytest.mark.parametrize("template", [DROPS_EARLIER, REWRITES])
+def test_a_reply_the_template_drops_or_rewrites_is_refused(tok, template):
     with pytest.raises(KdcacheError) as e:
-        render(tok, msgs, "assistant", WHERE, template=CHATML)
-    one_line_error(e, WHERE, "messages[0] is an assistant turn")
-    ids, trained = render(tok, msgs, "assistant", WHERE, template=CHATML_GEN)  # the marks locate it
+        render(tok, CHAT, "assistant", WHERE, template=template)
+    one_line_error(e, WHERE, "messages[2] (assistant) is not in the chat template's render", "'return x'")
+    ids, trained = render(tok, CHAT, "last-assistant", WHERE, template=DROPS_EARLIER)   # the kept turn is found
+    assert trained_texts(tok, ids, trained) == ["3 = 1 + 2<|im_end|>"]
+
+
+@pytest.mark.parametrize("kind", TEMPLATES)
+def test_leading_assistant_turn(tok, kind):
+    msgs = [CHAT[2], CHAT[3], CHAT[4]]
+    ids, trained = render(tok, msgs, "assistant", WHERE, template=TEMPLATES[kind])
     assert trained_texts(tok, ids, trained) == ["return x<|im_end|>", "3 = 1 + 2<|im_end|>"]
 
 

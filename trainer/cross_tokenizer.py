@@ -163,7 +163,9 @@ class StudentRows:
         target = np.full(n, np.nan, np.float32)
         at = np.flatnonzero(aligned[:n])                                     # (A,)
         src = t_pos[at + 1]                                                  # (A,) teacher positions
-        mapped = self.vocab_map[row["topk_ids"][src]]                        # (A, K)
+        top = row["topk_ids"][src]                                           # (A, K) teacher ids
+        # a teacher's output rows past its tokenizer (Qwen's 151,936 for 151,669 tokens) stand for no text: tail
+        mapped = np.where(top < len(self.vocab_map), self.vocab_map[np.minimum(top, len(self.vocab_map) - 1)], -1)
         topk_ids[at] = np.maximum(mapped, 0)
         topk_lps[at] = np.where(mapped >= 0, row["topk_logprobs"][src], -np.inf)
         if self.collisions:

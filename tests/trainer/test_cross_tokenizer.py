@@ -177,6 +177,18 @@ def test_merges_that_differ(tokenizers):
     assert not (out["supervised"] & (out["chunk_id"] >= 0)).any()
 
 
+def test_teacher_ids_past_its_tokenizer_join_the_tail(tokenizers):
+    """A teacher's output rows past its tokenizer (Qwen: 151,936 rows, 151,669 tokens) can reach its top-k: they
+    stand for no text, so their mass stays in the tail."""
+    teacher, bpe = tokenizers["teacher"], tokenizers["bpe600"]
+    sr = student_rows(teacher, bpe)
+    row = teacher_row(teacher, ["def f(x): return x + 1 while the story said"])
+    row["topk_ids"][:, 1] = len(teacher) + 7
+    out = sr(row)
+    at = np.flatnonzero(out["supervised"])
+    assert len(at) and np.isinf(out["topk_logprobs"][at, 1]).all() and np.isfinite(out["topk_logprobs"][at, 0]).all()
+
+
 def test_byte_fallback_multibyte_and_roles(tokenizers):
     teacher, meta = tokenizers["teacher"], tokenizers["metaspace"]
     sr = student_rows(teacher, meta)

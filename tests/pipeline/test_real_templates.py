@@ -141,3 +141,21 @@ def test_a_tokenizer_that_cannot_agree_with_its_tokenizer_json_is_refused(tmp_pa
 def test_every_family_gives_its_text_back_byte_for_byte(family, kind):
     """What --cross-tokenizer needs (cache_format.token_bytes): Gemma 3's whitespace-run tokens read as spaces."""
     assert probe_kind(tokenizer(family), (path(family) / "tokenizer.json").read_text()) == kind
+
+
+def test_a_word_level_tokenizer_declared_qwen2_is_read_from_its_tokenizer_json(tmp_path, caplog):
+    """transformers 5 loads a word-level tokenizer.json declared `Qwen2Tokenizer` as a BPE with an added
+    `<|endoftext|>` (and "hello world" as no tokens): kdcache reads tokenizer.json, with one warning."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<eos>", "<unk>", "hello", "world"])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    with caplog.at_level(logging.WARNING, logger="kdcache"):
+        tok = load_tokenizer(tmp_path, "--teacher words")
+    assert len(tok) == 4 and tok("hello world", add_special_tokens=False)["input_ids"] == [2, 3]
+    assert sum("tokenizes differently from its tokenizer.json" in r.getMessage() for r in caplog.records) == 1

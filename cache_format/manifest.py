@@ -10,7 +10,7 @@ from . import storage
 from .errors import CacheError
 from .fingerprint import named_ids, tokenizer_fingerprint, tokenizer_json
 from .token_bytes import probe_kind
-from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SPLITS
+from .schema import FORMAT_NAME, FORMAT_VERSION, PACKINGS, SHARD_NAME, SPLITS, is_domain_name
 
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "capture_config.json"      # beside the manifest: the capture's resolved options
@@ -131,6 +131,16 @@ class Manifest:
         unknown = set(m.splits) - set(SPLITS)
         if unknown:
             raise CacheError(f"{where}: unknown split {sorted(unknown)[0]!r} (expected {', '.join(SPLITS)})")
+        for split, domains in m.splits.items():         # every path stays inside the cache: {split}/{domain}/shard-N
+            for domain, info in domains.items():
+                if not is_domain_name(domain):
+                    raise CacheError(f"{where}: splits.{split}: domain name {domain!r} is not a plain name "
+                                     "(letters, digits, '_', '.', '-')")
+                for i, shard in enumerate(info.shards):
+                    folder, _, name = shard.path.rpartition("/") if isinstance(shard.path, str) else ("", "", "")
+                    if folder != f"{split}/{domain}" or not SHARD_NAME.fullmatch(name):
+                        raise CacheError(f"{where}: splits.{split}.{domain}.shards[{i}].path {shard.path!r} is not "
+                                         f"{split}/{domain}/shard-NNNNN.parquet (a shard must lie inside its cache)")
         if m.packing not in PACKINGS:
             raise CacheError(f"{where}: packing {m.packing!r} is not one of {', '.join(PACKINGS)}")
         if m.top_k <= 0 or m.seq_len < 2:

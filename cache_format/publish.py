@@ -21,14 +21,16 @@ def commit_cache(parts: list[tuple[str, Manifest]], out: str, capture_config: di
     for part, m in parts:
         src_fs, src = storage.resolve(part)
         for s in m.shards():
-            storage.upload(src_fs, storage.join(src, s.path), dst_fs, storage.join(dst, s.path), s.sha256,
+            source = storage.check_inside(src_fs, src, s.path, storage.join(part, s.path))
+            storage.upload(src_fs, source, dst_fs, storage.join(dst, s.path), s.sha256,
                            f"{storage.join(part, s.path)} -> {storage.join(out, s.path)}")
     if manifest.tokenizer.file_sha256:
         part = parts[0][0]
         src_fs, src = storage.resolve(part)
-        if storage.size(src_fs, storage.join(src, TOKENIZER_NAME)) is None:
+        source = storage.check_inside(src_fs, src, TOKENIZER_NAME, storage.join(part, TOKENIZER_NAME))
+        if storage.size(src_fs, source) is None:
             raise CacheError(f"{storage.join(part, TOKENIZER_NAME)}: missing (the manifest records its sha256)")
-        storage.upload(src_fs, storage.join(src, TOKENIZER_NAME), dst_fs, storage.join(dst, TOKENIZER_NAME),
+        storage.upload(src_fs, source, dst_fs, storage.join(dst, TOKENIZER_NAME),
                        manifest.tokenizer.file_sha256,
                        f"{storage.join(part, TOKENIZER_NAME)} -> {storage.join(out, TOKENIZER_NAME)}")
     storage.write_json(storage.join(out, CONFIG_NAME), capture_config)

@@ -51,7 +51,7 @@ class Cache:
 
     def check_shard_size(self, shard: ShardInfo) -> str:
         """The cheap check: the shard exists with the manifest's size. Returns its path in the filesystem."""
-        path = storage.join(self._base, shard.path)
+        path = storage.check_inside(self._fs, self._base, shard.path, self.where(shard.path))
         size = storage.size(self._fs, path)
         if size is None:
             raise CacheError(f"{self.where(shard.path)}: shard missing")
@@ -76,7 +76,8 @@ class Cache:
         digest = self.manifest.tokenizer.file_sha256
         if not digest:
             return None
-        path, where = storage.join(self._base, TOKENIZER_NAME), self.where(TOKENIZER_NAME)
+        where = self.where(TOKENIZER_NAME)
+        path = storage.check_inside(self._fs, self._base, TOKENIZER_NAME, where)
         if storage.size(self._fs, path) is None:
             raise CacheError(f"{where}: missing (the manifest records its sha256)")
         data = storage.read_bytes(self._fs, path)

@@ -16,6 +16,7 @@ packed with `isolated` documents adds one column, `doc_lengths list<int32>`: the
 whose positions restart at 0 (`position_ids`).
 """
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
 
@@ -31,6 +32,16 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 PACKINGS = ("concat", "isolated")   # documents joined into one stream / kept apart (restarting positions)
 DOC_LENGTHS = "doc_lengths"
+
+
+# what a domain may be called (it names a directory of the cache) and a shard's path: {split}/{domain}/shard-N
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+SHARD_NAME = re.compile(r"shard-[0-9]{5,}\.parquet")
+
+
+def is_domain_name(name) -> bool:
+    """A domain name is letters, digits, '_', '.', '-', and not "." or ".."."""
+    return isinstance(name, str) and bool(DOMAIN_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def shard_schema(codec: "TopkV1 | TopkV2 | TopkV3", packing: str) -> pa.Schema:

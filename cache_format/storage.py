@@ -67,6 +67,17 @@ def join(path: str, rel: str) -> str:
     return f"{path.rstrip('/')}/{rel}"
 
 
+def check_inside(fs: pafs.FileSystem, base: str, rel: str, where: str) -> str:
+    """join(base, rel), after checking that on a local filesystem no symlink takes it out of `base`: CacheError
+    naming `where` otherwise. (Object stores have no links; manifest paths are checked by Manifest.from_dict.)"""
+    path = join(base, rel)
+    if isinstance(fs, pafs.LocalFileSystem):
+        real, root = os.path.realpath(path), os.path.realpath(base)
+        if os.path.commonpath([real, root]) != root:
+            raise CacheError(f"{where}: leads out of the cache (to {real}) through a symbolic link; refused")
+    return path
+
+
 def size(fs: pafs.FileSystem, path: str) -> int | None:
     """The file's size in bytes, None if there is no such file."""
     info = fs.get_file_info(path)

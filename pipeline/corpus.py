@@ -36,6 +36,7 @@ import yaml
 import zstandard
 
 from cache_format import PACKINGS, SPLITS, KdcacheError
+from cache_format.schema import is_domain_name
 
 from . import chat
 
@@ -44,7 +45,6 @@ log = logging.getLogger("kdcache")
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 SUPPORTED_SUFFIXES = tuple(s + c for s in _FORMATS for c in ("", ".gz", ".zst") if s != ".parquet" or not c)
 _SUPPORTED = ", ".join(SUPPORTED_SUFFIXES) + " or a datasets save_to_disk directory"
-_DOMAIN = re.compile(r"[A-Za-z0-9_.-]+")
 _READ_ERRORS = (pa.ArrowException, ValueError, OSError, EOFError, zstandard.ZstdError)
 _BATCH_ROWS = 1024
 _GLOB_CHARS = re.compile(r"[*?[]")
@@ -95,7 +95,7 @@ class Reading:
 # specs and files
 
 def _check_domain(domain: str, where: str) -> str:
-    if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain) or domain in (".", ".."):
+    if not is_domain_name(domain):
         raise KdcacheError(f"{where}: invalid domain name {domain!r} (use letters, digits, '_', '.', '-')")
     return domain
 

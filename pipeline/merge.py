@@ -55,7 +55,11 @@ def run_merge(cfg: MergeConfig) -> str:
                       top_k=manifests[0].top_k, seq_len=manifests[0].seq_len, codec=manifests[0].codec,
                       split=manifests[0].split, splits=splits, capture_config=base,
                       created_by=manifests[0].created_by, packing=manifests[0].packing)
-    commit_cache(list(zip(parts, manifests)), out, identity, merged)
+    if "://" in out:                                      # an object store: the manifest, written last, commits
+        commit_cache(list(zip(parts, manifests)), out, identity, merged)
+    else:                                                 # built beside --out, renamed into place when complete
+        with storage.atomic_path(out) as building:
+            commit_cache(list(zip(parts, manifests)), str(building), identity, merged)
     log.info("merged %d parts into %s: %d shards", len(parts), out, len(merged.shards()))
     return out
 

@@ -15,7 +15,9 @@ from .schema import DOC_LENGTHS, SPLITS, codec_from_params, position_ids, shard_
 
 
 class Cache:
-    """A finished cache. Every shard's size and sha256 is checked before its first read (once per Cache).
+    """A finished cache. Every shard's sha256 is checked before its first read (once per Cache), its size before
+    every read, and the CRC32 of every page read (written since page checksums were: a shard changed in place
+    after its first read is named on the next read, never decoded).
 
     root: a Path for a local cache, else the URL (s3://..., see storage.py); messages name files under it."""
 
@@ -61,10 +63,10 @@ class Cache:
         return path
 
     def check_shard(self, shard: ShardInfo) -> None:
-        """Size + sha256 against the manifest; raises CacheError naming the shard."""
+        """Size + sha256 against the manifest (the sha256 once per Cache); raises CacheError naming the shard."""
+        path = self.check_shard_size(shard)
         if shard.path in self._checked:
             return
-        path = self.check_shard_size(shard)
         if storage.sha256(self._fs, path) != shard.sha256:
             raise CacheError(f"{self.where(shard.path)}: sha256 mismatch (shard corrupted)")
         self._checked.add(shard.path)
@@ -131,7 +133,8 @@ class Cache:
         else:
             self.check_shard_size(shard)
         try:
-            return pq.ParquetFile(self._fs.open_input_file(storage.join(self._base, shard.path)))
+            return pq.ParquetFile(self._fs.open_input_file(storage.join(self._base, shard.path)),
+                                  page_checksum_verification=True)      # a page changed since it was written
         except (OSError, pa.ArrowException) as e:
             raise CacheError(f"{self.where(shard.path)}: not a readable Parquet file ({e})") from None
 

@@ -42,7 +42,8 @@ class ShardWriter:
         self._writer = pq.ParquetWriter(self.tmp_path, shard_schema(codec, packing), compression="zstd",
                                         compression_level=codec.zstd_level if compression_level is None
                                         else compression_level,
-                                        write_statistics=False)
+                                        write_statistics=False,
+                                        write_page_checksum=True)       # CRC32 per page, checked on every read
         self._pending: list[dict] = []
         self.rows = 0
         self.tokens = 0

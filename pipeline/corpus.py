@@ -69,6 +69,7 @@ class CorpusStats:
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))       # incl. a final short row
     supervised: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))  # positions, per split
     no_response: int = 0                      # conversations skipped: no assistant turn to train on
+    boms: int = 0                             # text files whose leading UTF-8 byte-order mark was dropped
     truncated: int = 0                        # isolated packing: documents cut at seq_len (text: split)
     capped: bool = False                      # reading stopped at max_tokens
 
@@ -380,6 +381,10 @@ def _file_documents(path: str, text_field: str, stats: CorpusStats,
                     break
                 for value in batch:
                     rows += 1
+                    if rows == 1 and isinstance(value, str) and value.startswith("\ufeff"):
+                        value = value[1:]                      # a text file's UTF-8 byte-order mark
+                        stats.boms += 1
+                        log.info("%s: its UTF-8 byte-order mark dropped", path)
                     document = _document(value, path, rows, text_field, fmt)
                     if not isinstance(document, str) or document.strip():
                         yield document
@@ -432,10 +437,32 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[list[int]]:
-    """Token ids of each text (no special tokens), in order, from batched tokenizer calls."""
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def _first_tokens(tokenizer, text: str, limit: int, margin: int = 256) -> list[int]:
+    """The first limit + 1 token ids of a long text, tokenizing growing prefixes of it (8 characters a token to
+    start with) until one gives `margin` tokens past them: tokenization is local, so those are the whole text's."""
+    n = 8 * (limit + margin)
+    while n < len(text):
+        ids = _encode(tokenizer, [text[:n]])[0]
+        if len(ids) > limit + margin:
+            return ids[:limit + 1]
+        n *= 4
+    return _encode(tokenizer, [text])[0]
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256,
+                       limit: int | None = None) -> Iterator[list[int]]:
+    """Token ids of each text (no special tokens), in order, from batched tokenizer calls. limit: no more than
+    limit + 1 ids of a text are needed (a domain's token cap), so a long text is tokenized only that far."""
     for batch in _batched(texts, batch_size):
-        yield from tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        long = {i for i, t in enumerate(batch) if limit is not None and len(t) > 8 * (limit + 256)}
+        short = [t for i, t in enumerate(batch) if i not in long]
+        ids = iter(_encode(tokenizer, short) if short else ())
+        for i, text in enumerate(batch):
+            yield _first_tokens(tokenizer, text, limit) if i in long else next(ids)
 
 
 @dataclass(frozen=True)
@@ -518,7 +545,8 @@ def pack_documents(token_ids: Iterable[Sequence[int]], seq_len: int, eos_id: int
 
 
 def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: CorpusStats, batch_size: int,
-                         reading: Reading) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
+                         reading: Reading,
+                         limit: int | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray, bool]]:
     """(split key, tokens (n,) int32, trained (n,) bool, whether it is text) of the files' documents, in order.
     Text: its tokens and EOS, all trained. Conversations: rendered by chat.render_example (a plain
     prompt-completion pair gets EOS, trained); one without a trained token is counted in stats.no_response and
@@ -529,7 +557,7 @@ def _tokenized_documents(files: list[str], tokenizer, text_field: str, stats: Co
         with contextlib.closing(_file_documents(path, text_field, stats, reading.format)) as documents:
             for batch in _batched(documents, batch_size):
                 texts = [d for d in batch if isinstance(d, str)]
-                text_ids = iter(tokenize_documents(texts, tokenizer, batch_size) if texts else ())
+                text_ids = iter(tokenize_documents(texts, tokenizer, batch_size, limit) if texts else ())
                 for doc in batch:
                     if isinstance(doc, str):
                         tokens = _with_eos(next(text_ids), eos_id)
@@ -589,7 +617,7 @@ def iter_split_rows(spec: DataSpec | Sequence[DataSpec], tokenizer, seq_len: int
     packers = {split: _Packer(seq_len, isolated) for split in SPLITS}
     files = [f for s in specs for f in resolve_files(s)]
     budget = max_tokens
-    documents = _tokenized_documents(files, tokenizer, text_field, stats, batch_size, reading)
+    documents = _tokenized_documents(files, tokenizer, text_field, stats, batch_size, reading, max_tokens)
     with contextlib.closing(documents):
         for key, tokens, trained, is_text in documents:
             split = split_of(key, seed, val_fraction)

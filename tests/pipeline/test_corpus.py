@@ -387,3 +387,27 @@ def test_conversations_are_truncated_never_split(tmp_path):
     for _, _, row in rows:
         assert len(row) <= 40 and tok.decode(row.input_ids).startswith("<|im_start|>")
         assert all(tok.decode(d).startswith("<|im_start|>") for d in np.split(row.input_ids, np.cumsum(row.doc_lengths)[:-1]))
+
+
+def test_a_bom_at_the_start_of_a_text_file_is_dropped_and_counted(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfthe story said\nof the\n")
+    stats = CorpusStats()
+    docs = list(iter_documents(DataSpec("prose", str(tmp_path / "a.txt")), stats=stats))
+    assert docs == ["the story said", "of the"] and stats.boms == 1
+
+
+def test_a_long_document_is_tokenized_only_as_far_as_the_cap(tokenizer, tmp_path, monkeypatch):
+    """A one-line document of 2 M characters under --max-tokens-per-domain 500: the rows equal those of the whole
+    document tokenized, and the tokenizer never sees more than a prefix of it."""
+    import pipeline.corpus as corpus
+    text = " ".join(domain_texts("prose", 40_000, seed=9))
+    assert len(text) > 2_000_000
+    (tmp_path / "long.txt").write_text(text + "\n")
+    seen = []
+    encode = corpus._encode
+    monkeypatch.setattr(corpus, "_encode", lambda tok, texts: seen.extend(map(len, texts)) or encode(tok, texts))
+    rows = list(iter_split_rows(DataSpec("prose", str(tmp_path / "long.txt")), tokenizer, 64, 0, 0.0,
+                                max_tokens=500))
+    assert max(seen) < 100_000
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"][:500]
+    assert np.concatenate([r.input_ids for _, _, r in rows]).tolist() == whole

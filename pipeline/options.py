@@ -48,8 +48,33 @@ def merge_config_file(ctx: click.Context, path: str | None, options: dict, extra
         if name not in options:
             raise KdcacheError(f"{path}: unknown option {name!r}")
         if ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
-            options[name] = value
+            options[name] = _typed(ctx, name, value, path)
     return {k: doc[k] for k in extra if k in doc}
+
+
+# the YAML values each click type takes (a string is parsed as the command line would parse it)
+_YAML_TYPES = {click.types.IntParamType: (int, str), click.types.FloatParamType: (int, float, str),
+               click.types.BoolParamType: (bool,), click.types.StringParamType: (str,),
+               click.types.Choice: (str,), click.types.Path: (str,)}
+
+
+def _typed(ctx: click.Context, name: str, value, path: str):
+    """A --config value converted by its option's click type, as if given on the command line; KdcacheError naming
+    the file, the option and the value when it is not one (a float or a bool for an integer, a list for a
+    number, ...)."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    if value is None:
+        return None
+    values = value if param.multiple and isinstance(value, list) else [value] if param.multiple else None
+    flag = "--" + name.replace("_", "-")
+    for v in values if values is not None else [value]:
+        allowed = next((a for t, a in _YAML_TYPES.items() if isinstance(param.type, t)), None)
+        if allowed is not None and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
+            raise KdcacheError(f"{path}: {name}: {v!r} is not a valid {param.type.name} for {flag}")
+    try:
+        return param.type_cast_value(ctx, values if values is not None else value)
+    except click.BadParameter as e:
+        raise KdcacheError(f"{path}: {name}: {' '.join(e.format_message().split())}") from None
 
 
 def require(options: dict, *names: str) -> None:

@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -151,3 +152,34 @@ def test_config_file_fills_what_the_command_line_leaves(tiny_models, tmp_path):
     assert r.exit_code == 1 and "unknown option 'steps_per_epoch'" in r.stderr
     r = CliRunner().invoke(cli, ["train", "--config", str(tmp_path / "missing.yaml")])
     assert r.exit_code == 1 and "cannot read" in r.stderr and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command, line, expected", [
+    ("capture", 'top_k: "abc"', "top_k: Invalid value for '--top-k': 'abc' is not a valid integer."),
+    ("capture", "top_k: 16.7", "top_k: 16.7 is not a valid integer for --top-k"),
+    ("capture", "top_k: true", "top_k: True is not a valid integer for --top-k"),
+    ("capture", "top_k: [16]", "top_k: [16] is not a valid integer for --top-k"),
+    ("capture", "backend: vllm2", "backend: Invalid value for '--backend': 'vllm2' is not one of"),
+    ("train", "batch_size: 2.5", "batch_size: 2.5 is not a valid integer for --batch-size"),
+    ("train", 'lr: "abc"', "lr: Invalid value for '--lr': 'abc' is not a valid float."),
+    ("train", "adakd: 1", "adakd: 1 is not a valid boolean for --adakd"),
+])
+def test_config_values_are_typed_like_the_command_line(tmp_path, command, line, expected):
+    """A wrong YAML type is one line naming the file, the option and the value, before anything is created."""
+    (tmp_path / "c.yaml").write_text(line + "\n")
+    out = tmp_path / "out"
+    args = ["--teacher", "t", "--data", "d=x.jsonl"] if command == "capture" else ["--cache", "c", "--student", "s"]
+    r = CliRunner().invoke(cli, [command, *args, "--out", str(out), "--config", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 1 and f"Error: {tmp_path / 'c.yaml'}: {expected}" in r.stderr, r.output
+    assert not out.exists()
+
+
+def test_config_strings_are_parsed_as_on_the_command_line(tiny_models, tmp_path):
+    (tmp_path / "c.yaml").write_text('seq_len: "32"\ntop_k: "8"\nval_fraction: "0.5"\n')
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text('{"text": "the story said"}\n')
+    r = CliRunner().invoke(cli, ["capture", "--teacher", str(tiny_models["teacher"]), "--data", f"d={corpus}",
+                                 "--out", str(tmp_path / "out"), "--backend", "hf", "--config",
+                                 str(tmp_path / "c.yaml"), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "k 8, seq_len 32" in r.stdout

@@ -14,17 +14,23 @@ completed, so an object is written under its final key directly.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .errors import CacheError
+from .errors import CacheError, KdcacheError
+
+log = logging.getLogger("kdcache")
 
 CHECKSUM_ENV = "AWS_REQUEST_CHECKSUM_CALCULATION"
 CHUNK = 1 << 22
@@ -65,6 +71,41 @@ def _s3(url: str) -> tuple[pafs.FileSystem, str]:
 
 def join(path: str, rel: str) -> str:
     return f"{path.rstrip('/')}/{rel}"
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str):
+    """Hold an exclusive advisory lock (flock) on PATH.lock, beside a local output PATH, while a `what` ("kdcache
+    capture") writes it: a second writer is refused with KdcacheError naming the holder (what, pid, host, since).
+    The file is removed on release. A lock dies with its process; one whose holder died (its file left behind) is
+    taken over with a warning."""
+    lock = Path(str(path).rstrip("/") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            f.close()
+            raise KdcacheError(f"{path}: another run is writing it ({holder}); wait for it to finish or choose "
+                               "another output") from None
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+            break                                         # else its holder removed it as we opened it: again
+        f.close()
+    with f:
+        f.seek(0)
+        if previous := f.read().strip():
+            log.warning("%s: taking over the lock of a run that ended without releasing it (%s)", path, previous)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what}, pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)                  # while still held: the next writer opens a new file
 
 
 def check_inside(fs: pafs.FileSystem, base: str, rel: str, where: str) -> str:

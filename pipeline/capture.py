@@ -206,12 +206,13 @@ def run_capture(cfg: CaptureConfig, stats: dict | None = None) -> Path | str:
     local staging directory (resumable there), then uploaded shard by shard, each read back, manifest last."""
     if "://" in cfg.out:
         return publish(str(run_capture(replace(cfg, out=str(staging_dir(cfg.out))), stats)), cfg.out)
-    cfg, tokenizer, source, reading = _resolve(cfg)
-    try:
-        with logging_redirect_tqdm():             # log lines (a server dropped...) above the progress bar, not in it
-            return _capture(cfg, tokenizer, source, reading, stats)
-    finally:
-        source.close()
+    with storage.exclusive(cfg.out, "kdcache capture"):                # one writer per --out
+        cfg, tokenizer, source, reading = _resolve(cfg)
+        try:
+            with logging_redirect_tqdm():         # log lines (a server dropped...) above the progress bar, not in it
+                return _capture(cfg, tokenizer, source, reading, stats)
+        finally:
+            source.close()
 
 
 def _capture(cfg: CaptureConfig, tokenizer, source: TeacherSource, reading: Reading, stats: dict | None) -> Path:

@@ -58,7 +58,7 @@ def run_merge(cfg: MergeConfig) -> str:
     if "://" in out:                                      # an object store: the manifest, written last, commits
         commit_cache(list(zip(parts, manifests)), out, identity, merged)
     else:                                                 # built beside --out, renamed into place when complete
-        with storage.atomic_path(out) as building:
+        with storage.exclusive(out, "kdcache merge"), storage.atomic_path(out) as building:
             commit_cache(list(zip(parts, manifests)), str(building), identity, merged)
     log.info("merged %d parts into %s: %d shards", len(parts), out, len(merged.shards()))
     return out

@@ -67,7 +67,8 @@ def run_train(cfg: TrainConfig) -> dict:
     """Train, write RUN/ (see the module docstring) and return the final eval report (or {})."""
     ranks, device = distributed.init(resolve_device(cfg.device), cfg.fsdp)
     try:
-        report = _train(cfg, ranks, device)
+        with storage.exclusive(cfg.out, "kdcache train") if ranks.main else contextlib.nullcontext():
+            report = _train(cfg, ranks, device)
     except BaseException:
         distributed.close(finished=False)
         raise

@@ -257,3 +257,22 @@ def test_the_cache_carries_the_teacher_tokenizer_and_verify_checks_it(hf_cache, 
     assert f"Error: {bad / TOKENIZER_NAME}: sha256 mismatch" in one_line_error(kdcache("verify", bad))
     (bad / TOKENIZER_NAME).unlink()
     assert f"Error: {bad / TOKENIZER_NAME}: missing" in one_line_error(kdcache("verify", bad))
+
+
+def test_two_captures_into_one_out_the_second_is_refused(tiny_models, corpus, tmp_path):
+    """The first holds CACHE.lock while it writes; the second, started meanwhile, is one Error line naming it;
+    the first's cache is complete and sound."""
+    out = tmp_path / "cache"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, capture_args(tiny_models, corpus, out))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "cache.lock").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = kdcache(*capture_args(tiny_models, corpus, out))
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 1, second.stderr[-2000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: {out}: another run is writing it (kdcache capture, pid {first.pid} on "), line
+    verify_cache(out)
+    assert not (tmp_path / "cache.lock").exists()

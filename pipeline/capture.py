@@ -30,7 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cache_format import (CONFIG_NAME, MANIFEST_NAME, DomainInfo, KdcacheError, Manifest, ShardInfo, ShardWriter,
                           SplitRule, TeacherInfo, TokenizerInfo, TopkV1, TopkV2, TopkV3, files_fingerprint, publish,
-                          storage, weights_fingerprint, write_manifest, write_tokenizer)
+                          storage, tokenizer_fingerprint, weights_fingerprint, write_manifest, write_tokenizer)
 from trainer.tokenizer import load_tokenizer
 
 from . import __version__
@@ -47,6 +47,8 @@ DEFAULT_KL_SCALE = {"v2": 0.015, "v3": 0.013}   # the rule when no --top-p/--kl-
 PROBE_ROWS, PROBE_TOKENS = 4, 128     # the rows on which vLLM's hidden-states output is checked (VLLMTeacher)
 RUNTIME_OPTIONS = ("out", "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "vllm_output",
                    "enforce_eager", "teacher_url", "max_concurrency", "request_timeout", "drop_server_after")
+# options naming where an input is: compared on resume and merge by the input's fingerprint (identity_diff)
+LOCATIONS = ("teacher", "data", "chat_template", "tokenizer")
 # in-process engine options that a served teacher cannot take (its servers run with their own), with their defaults
 ENGINE_OPTIONS = {"dtype": "auto", "gpu_memory_utilization": None, "tensor_parallel_size": 1,
                   "pipeline_parallel_size": 1, "vllm_output": "auto", "enforce_eager": False}
@@ -382,12 +384,22 @@ def _identity(cfg: CaptureConfig, tokenizer, reading: Reading, source: TeacherSo
     identity = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in RUNTIME_OPTIONS}
     identity["codec"] = cfg.codec_name                                      # the default is named (v3 today)
     identity["teacher_fingerprint"] = source.fingerprint
+    identity["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
     identity["data_fingerprint"] = {spec.domain: files_fingerprint(resolve_files(spec)) for spec in cfg.data}
     try:
         identity["chat_template_fingerprint"] = template_fingerprint(resolve_template(tokenizer, reading.template, ""))
     except KdcacheError:                                                    # no template: text only
         identity["chat_template_fingerprint"] = None
     return identity
+
+
+def identity_diff(a: dict, b: dict) -> list[str]:
+    """The keys in which two capture identities differ. Inputs are compared by what they are (their fingerprints
+    and the domains' names), not by the paths they were given as (LOCATIONS); a key only one of them has (written by
+    another kdcache version) is not compared."""
+    domains = lambda d: [spec["domain"] for spec in d.get("data", [])]  # noqa: E731
+    keys = sorted(k for k in (set(a) & set(b)) - set(LOCATIONS) if a[k] != b[k])
+    return keys + (["data"] if domains(a) != domains(b) else [])
 
 
 def _streams(cfg: CaptureConfig) -> list[tuple[str, str]]:
@@ -565,7 +577,7 @@ def _check_identity(out: Path, identity: dict) -> bool:
             raise KdcacheError(f"--out {out}: directory is not empty and holds no kdcache capture")
         return False
     before = json.loads(path.read_text())
-    diff = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+    diff = identity_diff(before, identity)
     if diff:
         details = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(identity.get(k))}" for k in diff)
         raise KdcacheError(f"--out {out} holds a capture made with other settings ({details}); "

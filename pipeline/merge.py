@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from cache_format import DomainInfo, KdcacheError, Manifest, commit_cache, read_manifest, storage
 
+from .capture import identity_diff
+
 log = logging.getLogger("kdcache")
 
 
@@ -30,7 +32,7 @@ def run_merge(cfg: MergeConfig) -> str:
     base = _identity(manifests[0])
     for part, m in zip(parts[1:], manifests[1:]):
         other = _identity(m)
-        diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        diff = identity_diff(base, other)
         if diff:
             raise KdcacheError(f"{part}: not a part of the same capture as {parts[0]} (differs in: {', '.join(diff)})")
 

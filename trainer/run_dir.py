@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
-from cache_format import Cache, KdcacheError, storage, weights_fingerprint
+from cache_format import Cache, KdcacheError, files_fingerprint, storage, weights_fingerprint
 from trainer.config import RESUME_FREE, TrainConfig
+
+# options naming where an input is: a resumed run may name them by another path (compared by fingerprint)
+LOCATIONS = ("cache", "student", "out", "ddk_profile")
 
 CHECKPOINT = re.compile(r"step-\d{8}")
 
@@ -22,10 +25,12 @@ CHECKPOINT = re.compile(r"step-\d{8}")
 def identity(cfg: TrainConfig, cache: Cache, world_size: int) -> dict:
     """What decides the run's results: the config (less RESUME_FREE), the number of ranks, the cache and the
     starting student."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE + LOCATIONS}
+    profile = Path(cfg.ddk_profile) if cfg.ddk_profile else None
     return {"config": config, "world_size": world_size, "cache_fingerprint": cache.fingerprint,
             "student_fingerprint": weights_fingerprint(cfg.student) if Path(cfg.student, "config.json").is_file()
-            else None}
+            else None,
+            "ddk_profile_fingerprint": files_fingerprint([profile]) if profile and profile.is_file() else None}
 
 
 def prepare_run(run: Path, cfg: TrainConfig, ident: dict, write: bool = True) -> Path | None:
@@ -46,9 +51,10 @@ def prepare_run(run: Path, cfg: TrainConfig, ident: dict, write: bool = True) ->
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}    # options newer than the run's
     saved_config = {**defaults, **{k: v for k, v in saved["config"].items() if k not in RESUME_FREE}}
     diffs = [f"{k}: {saved_config.get(k)!r} -> {v!r}" for k, v in ident["config"].items()
-             if saved_config.get(k) != v]
-    for key, what in (("cache_fingerprint", "the cache"), ("student_fingerprint", "the starting student")):
-        if saved.get(key) != ident[key]:
+             if saved_config.get(k) != v]                  # the inputs (LOCATIONS) by their fingerprints below
+    for key, what in (("cache_fingerprint", "the cache"), ("student_fingerprint", "the starting student"),
+                      ("ddk_profile_fingerprint", "the DDK profile")):
+        if saved.get(key, ident[key]) != ident[key]:                         # (not recorded by older runs)
             diffs.append(f"{what} ({key} differs)")
     if saved.get("world_size", 1) != ident["world_size"]:
         diffs.append(f"world_size: {saved.get('world_size', 1)} -> {ident['world_size']} ranks")

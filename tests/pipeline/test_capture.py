@@ -174,6 +174,12 @@ def test_rerun_is_a_noop_and_other_options_are_refused(hf_cache, tiny_models, co
     assert (hf_cache / "manifest.json").read_bytes() == before
     r = kdcache(*capture_args(tiny_models, corpus, hf_cache)[:-2], "--shard-size-mb", 0.02, "--top-k", 4)
     assert r.returncode == 1 and "top_k: 8 -> 4" in r.stderr, r.stderr
+    # the same inputs by other paths (relative, from another directory, a trailing slash): the same capture
+    root = Path(os.path.commonpath([tiny_models["teacher"], *corpus.values()]))
+    relative = {d: os.path.relpath(p, root) for d, p in corpus.items()}
+    r = kdcache(*capture_args({"teacher": os.path.relpath(tiny_models["teacher"], root) + "/"}, relative, hf_cache),
+                cwd=root)
+    assert r.returncode == 0 and "already complete" in r.stderr, r.stderr
 
 
 def shard_digests(cache_dir: Path) -> dict[str, str]:

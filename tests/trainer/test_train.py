@@ -190,3 +190,17 @@ def test_cli_train_one_line_errors_and_a_short_run(toy_cache, tiny_models, tmp_p
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert (saved["loss"], saved["jsd_beta"], saved["ce_weight"], saved["sampling"]) == ("jsd", 0.3, 0.5, "uniform")
     assert all(set(r["domain_weights"].values()) == {0.25} for r in metrics(tmp_path / "run"))
+
+
+def test_resume_by_other_paths_to_the_same_inputs(toy_cache, tiny_models, tmp_path, monkeypatch):
+    """The same cache and student named from another directory, relative, with a trailing slash, or copied
+    elsewhere: the run resumes from its checkpoint (inputs compared by fingerprint)."""
+    run = tmp_path / "run"
+    run_train(config(toy_cache, tiny_models["student"], run, steps=4, save_every=2, eval_rows=0))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    copy = tmp_path / "elsewhere" / "student"
+    shutil.copytree(tiny_models["student"], copy)
+    monkeypatch.chdir(toy_cache.parent)
+    run_train(config(f"./{toy_cache.name}/", str(copy) + "/", run, steps=4, save_every=2, eval_rows=0, resume=True))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines][-2:] == [3, 4]

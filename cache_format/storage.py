@@ -14,6 +14,7 @@ completed, so an object is written under its final key directly.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -146,6 +147,17 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def out_of_space(path, error: BaseException) -> KdcacheError | None:
+    """The one-line error for a write to `path` that failed because its device is full (ENOSPC, EDQUOT, pyarrow's
+    and torch's messages for them); None for any other error."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or \
+        isinstance(error, (OSError, RuntimeError)) and any(m in str(error) for m in (
+            "No space left on device", "Disk quota exceeded", "unexpected pos", "file write failed"))
+    return KdcacheError(f"{path}: no space left on the device while writing it; nothing half-written is kept (free "
+                        "space and run the same command again: a capture resumes, a train run with --resume)") \
+        if full else None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yields `path` + ".tmp" to write a file or a directory into; when the block ends without error it replaces
@@ -157,8 +169,10 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if (full := out_of_space(path, e)) is not None and not isinstance(e, KdcacheError):
+            raise full from None
         raise
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

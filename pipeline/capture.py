@@ -513,8 +513,10 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
             for f in waiting:
                 f.result()
         info = writer.close()
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if (full := storage.out_of_space(out / rel, e)) is not None:
+            raise full from None
         raise
     storage.write_json(out / PROGRESS_DIR / (rel + ".json"), asdict(info))
     return info

@@ -5,7 +5,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -21,12 +23,28 @@ from .merge import MergeConfig
 from .options import config_option, merge_config_file, require
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's preemption, `kill`): raised where the main thread is, so that every stage
+    unwinds as on any error (the in-flight .tmp removed, engines shut down)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 class KdcacheGroup(click.Group):
-    """Turns every failure into one `Error: ...` line and exit code 1 (a traceback only with --debug)."""
+    """Turns every failure into one `Error: ...` line and exit code 1 (a traceback only with --debug); SIGTERM
+    into one line and exit code 143."""
 
     def invoke(self, ctx: click.Context):
+        main = threading.current_thread() is threading.main_thread()      # where signal handlers can be set
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return super().invoke(ctx)
+        except Terminated:
+            how = "with --resume to continue" if ctx.invoked_subcommand == "train" else "to resume"
+            click.echo(f"Error: interrupted (SIGTERM); re-run the same command {how}", err=True)
+            ctx.exit(143)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
@@ -35,6 +53,9 @@ class KdcacheGroup(click.Group):
             msg = str(e) if isinstance(e, KdcacheError) else f"{type(e).__name__}: {e} (--debug shows the traceback)"
             click.echo(f"Error: {msg}", err=True)
             ctx.exit(1)
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})

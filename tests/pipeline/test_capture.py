@@ -282,3 +282,22 @@ def test_two_captures_into_one_out_the_second_is_refused(tiny_models, corpus, tm
     assert line.startswith(f"Error: {out}: another run is writing it (kdcache capture, pid {first.pid} on "), line
     verify_cache(out)
     assert not (tmp_path / "cache.lock").exists()
+
+
+def test_sigterm_is_one_line_and_the_rerun_resumes(hf_cache, tiny_models, corpus, tmp_path):
+    """SIGTERM mid-capture: exit 143, one line saying how to resume, no .tmp left; the re-run completes the cache
+    (the same shards as an uninterrupted capture)."""
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, capture_args(tiny_models, corpus, out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / ".progress").rglob("*.parquet.json"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == "Error: interrupted (SIGTERM); re-run the same command to resume"
+    assert "Traceback" not in err and not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    r = kdcache(*capture_args(tiny_models, corpus, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shard_digests(out) == shard_digests(hf_cache)

@@ -204,3 +204,23 @@ def test_resume_by_other_paths_to_the_same_inputs(toy_cache, tiny_models, tmp_pa
     run_train(config(f"./{toy_cache.name}/", str(copy) + "/", run, steps=4, save_every=2, eval_rows=0, resume=True))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines][-2:] == [3, 4]
+
+
+@pytest.mark.slow
+def test_sigterm_is_one_line_and_resume_finishes(toy_cache, tiny_models, tmp_path):
+    args = ["--cache", str(toy_cache), "--student", str(tiny_models["student"]), "--steps", "40",
+            "--batch-size", "2", "--save-every", "2", "--eval-rows", "0", "--out", str(tmp_path / "run")]
+    proc = _train_cli(args)
+    deadline = time.time() + 600
+    while latest_checkpoint(tmp_path / "run") is None:
+        assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == \
+        "Error: interrupted (SIGTERM); re-run the same command with --resume to continue"
+    assert "Traceback" not in err and not list((tmp_path / "run").rglob("*.tmp"))
+    resumed = _train_cli([*args, "--resume"])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()

@@ -333,8 +333,8 @@ def _check_reasoning(messages: list[dict], template: str, where: str) -> None:
     """KdcacheError for a message carrying reasoning under a field the template never reads: the teacher would
     not see it, so it cannot be trained."""
     for i, m in enumerate(messages):
-        key = _reasoning(m)[0]
-        if key is not None and key not in template:
+        key = _reasoning(m)[0]                                    # read as message.KEY or message['KEY']
+        if key is not None and not re.search(rf"""(\.|\[\s*['"]){key}\b""", template):
             raise KdcacheError(f"{where}: messages[{i}].{key} is not rendered: the chat template never reads "
                                f"{key!r} (the teacher would not see it); drop the field, or pass a --chat-template "
                                "that renders it")

@@ -68,13 +68,16 @@ def test_qwen3_reasoning_follows_the_render(messages, train_reasoning):
     assert "The user wants one word." not in raw("qwen3").decode(ids)       # the template dropped it: never seen
 
 
-@pytest.mark.parametrize("family", ["llama3", "llama3_1", "gemma3", "deepseek_v3"])
-def test_reasoning_on_a_template_that_ignores_it_is_refused(family):
+@pytest.mark.parametrize("family, key", [("llama3", "reasoning_content"), ("llama3_1", "reasoning_content"),
+                                         ("gemma3", "reasoning_content"), ("deepseek_v3", "reasoning_content"),
+                                         ("qwen3", "thinking")])      # Qwen3's template says enable_thinking only
+def test_reasoning_on_a_template_that_ignores_it_is_refused(family, key):
+    messages = [U1, {"role": "assistant", "content": "yes", key: "Say yes."}]
     with pytest.raises(KdcacheError) as e:
-        render(tokenizer(family), REASONED, "assistant", WHERE)
+        render(tokenizer(family), messages, "assistant", WHERE)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(WHERE)
-    assert "messages[1].reasoning_content is not rendered: the chat template never reads 'reasoning_content'" in msg
+    assert f"messages[1].{key} is not rendered: the chat template never reads {key!r}" in msg
 
 
 # gpt-oss's harmony format, as its template writes a reply with its analysis channel (the npm package ships no template)

@@ -6,9 +6,9 @@ span is its place in that concatenation: nothing more needs storing per token. T
     byte-level   byte-level BPE (GPT-2, Llama 3, Qwen, Phi, OLMo, ...): each character of a token is one byte
     metaspace    SentencePiece-style (Llama 2, Mistral, Gemma, ...): "▁" is a space, "<0xNN>" (byte fallback) the byte
 Added tokens stand for their content (a plain one of a metaspace tokenizer with "▁" read as a space, as its decoder
-does: Gemma 3's whitespace-run tokens "▁▁", "▁▁▁", ...). Capture records the kind in the manifest (`tokenizer.token_bytes`) once the
-tokenizer has given back a probe text byte for byte (`byte_exact_table`); caches without it cannot teach a student with
-another tokenizer (trainer/cross_tokenizer.py).
+does: Gemma 3's whitespace-run tokens "▁▁", "▁▁▁", ...). Capture records the kind in the manifest
+(`tokenizer.token_bytes`) once the tokenizer has given back a probe text byte for byte (`byte_exact_table`); caches
+without it cannot teach a student with another tokenizer (trainer/cross_tokenizer.py).
 """
 
 import json

@@ -132,7 +132,10 @@ def sample_targets(logprobs: torch.Tensor, n: int, generator: torch.Generator) -
 
 class HFTeacher:
     """transformers AutoModelForCausalLM: rows of equal length batched without padding (a shorter last row is
-    right-padded), chunked log_softmax + top-k on the device, results copied out asynchronously (PendingRows)."""
+    right-padded), chunked log_softmax + top-k on the device, results copied out asynchronously (PendingRows).
+    For a family whose head kdcache knows (OutputHead) the body's hidden states are kept and the head runs chunk
+    by chunk of positions, so memory follows batch × seq_len × hidden size, not × vocabulary (a 262k-id Gemma 3
+    batch of 32 × 1024 would be 34 GB of float32 logits); other families take the model's whole logits."""
 
     engine = "hf"
     logprobs_mode = "raw_logprobs"
@@ -147,7 +150,10 @@ class HFTeacher:
         self.engine_version = metadata.version("transformers")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                                           attn_implementation="sdpa").to(self.device).eval()
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        projection = self.model.get_output_embeddings()
+        self.vocab_size = projection.weight.shape[0]
+        self.head = output_head(path)
+        self.head_tensors = (projection.weight, getattr(projection, "bias", None))
 
     @torch.inference_mode()
     def topk(self, rows: list[np.ndarray], k: int, doc_lengths: list | None = None,
@@ -185,11 +191,17 @@ class HFTeacher:
             positions[b, : len(r)] = torch.from_numpy(position_ids(docs, len(r)).astype(np.int64))
         keep = (torch.arange(T - 1)[None, :] < lengths[:, None] - 1).to(self.device)   # (B, T-1) predicting
         input_ids = input_ids.to(self.device, non_blocking=True)
-        logits = self.model(input_ids=input_ids, position_ids=positions.to(self.device),
-                            use_cache=False).logits.flatten(0, 1)                      # (B*T, V)
         index = (torch.arange(B, device=self.device)[:, None] * T
                  + torch.arange(T - 1, device=self.device)).masked_select(keep)            # (N,) rows of logits
-        return (lambda sl: logits.index_select(0, index[sl.to(index.device)])), input_ids[:, 1:].masked_select(keep)
+        next_ids = input_ids[:, 1:].masked_select(keep)
+        if self.head is not None:                         # the body only; the head per chunk of positions
+            hidden = self.model.base_model(input_ids=input_ids, position_ids=positions.to(self.device),
+                                           use_cache=False).last_hidden_state.flatten(0, 1)   # (B*T, d)
+            return (lambda sl: apply_head(hidden.index_select(0, index[sl.to(index.device)]), self.head,
+                                          *self.head_tensors)), next_ids
+        logits = self.model(input_ids=input_ids, position_ids=positions.to(self.device),
+                            use_cache=False).logits.flatten(0, 1)                      # (B*T, V)
+        return (lambda sl: logits.index_select(0, index[sl.to(index.device)])), next_ids
 
     def close(self) -> None:
         del self.model

@@ -87,3 +87,28 @@ def test_prefetched_yields_all_in_order_and_raises_the_producers_error():
         for x in _prefetched(broken(), 2):
             got.append(x)
     assert got == [1]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "granite", "phi"])
+def test_hf_teacher_never_asks_for_the_whole_logits(family, tmp_path):
+    """At V = 262k (Gemma 3) and for heads with soft-cap, scaling or a bias: the model's output projection is
+    never called on the batch (its (B, T, V) logits would be 34 GB at 32 x 1024 for Gemma 3); kdcache applies the
+    head per chunk of positions and gets the model's own log-probabilities."""
+    from pipeline.toy import build_family, build_tokenizer
+    model = build_family(tmp_path / "m", family, build_tokenizer(tmp_path / "tok"), hidden=64, layers=1)
+    teacher = HFTeacher(str(tmp_path / "m"), dtype="float32")
+    calls = []
+    hook = teacher.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    rows = [np.arange(1, 40, dtype=np.int32), np.arange(7, 30, dtype=np.int32)]
+    got = teacher.topk(rows, 8).rows()
+    hook.remove()
+    assert not calls
+    for r, (ids, lps, target) in zip(rows, got):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.from_numpy(r[None]).long()).logits[0].float(), -1)   # (T, V)
+        want, want_ids = lp[:-1].topk(8, -1)
+        torch.testing.assert_close(torch.from_numpy(lps[:-1]), want, atol=1e-4, rtol=0)
+        assert (torch.from_numpy(ids[:-1]).long() == want_ids).float().mean() > 0.99
+        next_ids = torch.from_numpy(r[1:, None]).long()
+        torch.testing.assert_close(torch.from_numpy(target[:-1]), lp[:-1].gather(-1, next_ids)[:, 0], atol=1e-4,
+                                   rtol=0)

@@ -364,7 +364,8 @@ def render(tokenizer, messages: list[dict], train_on: str, where: str, template:
     if train_on == "all":
         return ids, [True] * len(ids)
     generation = bool(_GENERATION.search(template)) and bool(turns)
-    located = _locate(text, messages, layout(tokenizer, template), where, set() if generation else set(turns))
+    located = {} if generation and not first_trained and train_reasoning else \
+        _locate(text, messages, layout(tokenizer, template), where, set() if generation else set(turns))
     if generation:
         out = _apply(tokenizer, messages, template, where, tokenize=True, return_dict=True,
                      return_assistant_tokens_mask=True)

@@ -441,13 +441,21 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
-def _first_tokens(tokenizer, text: str, limit: int, margin: int = 256) -> list[int]:
-    """The first limit + 1 token ids of a long text, tokenizing growing prefixes of it (8 characters a token to
-    start with) until one gives `margin` tokens past them: tokenization is local, so those are the whole text's."""
-    n = 8 * (limit + margin)
+_MARGIN = 256      # tokens past a cut that a prefix's tokenization must reach to be the whole text's there
+
+
+def _prefix_chars(limit: int) -> int:
+    """Characters of a first prefix for limit + _MARGIN tokens (8 a token); a text no longer is tokenized whole."""
+    return 8 * (limit + _MARGIN)
+
+
+def _first_tokens(tokenizer, text: str, limit: int) -> list[int]:
+    """The first limit + 1 token ids of a long text, tokenizing growing prefixes of it until one gives _MARGIN
+    tokens past them: tokenization is local, so those are the whole text's."""
+    n = _prefix_chars(limit)
     while n < len(text):
         ids = _encode(tokenizer, [text[:n]])[0]
-        if len(ids) > limit + margin:
+        if len(ids) > limit + _MARGIN:
             return ids[:limit + 1]
         n *= 4
     return _encode(tokenizer, [text])[0]
@@ -458,7 +466,7 @@ def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256,
     """Token ids of each text (no special tokens), in order, from batched tokenizer calls. limit: no more than
     limit + 1 ids of a text are needed (a domain's token cap), so a long text is tokenized only that far."""
     for batch in _batched(texts, batch_size):
-        long = {i for i, t in enumerate(batch) if limit is not None and len(t) > 8 * (limit + 256)}
+        long = {i for i, t in enumerate(batch) if limit is not None and len(t) > _prefix_chars(limit)}
         short = [t for i, t in enumerate(batch) if i not in long]
         ids = iter(_encode(tokenizer, short) if short else ())
         for i, text in enumerate(batch):

@@ -65,14 +65,14 @@ def _typed(ctx: click.Context, name: str, value, path: str):
     param = next(p for p in ctx.command.params if p.name == name)
     if value is None:
         return None
-    values = value if param.multiple and isinstance(value, list) else [value] if param.multiple else None
+    items = value if param.multiple and isinstance(value, list) else [value]
+    allowed = next((a for t, a in _YAML_TYPES.items() if isinstance(param.type, t)), None)
     flag = "--" + name.replace("_", "-")
-    for v in values if values is not None else [value]:
-        allowed = next((a for t, a in _YAML_TYPES.items() if isinstance(param.type, t)), None)
+    for v in items:
         if allowed is not None and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
             raise KdcacheError(f"{path}: {name}: {v!r} is not a valid {param.type.name} for {flag}")
     try:
-        return param.type_cast_value(ctx, values if values is not None else value)
+        return param.type_cast_value(ctx, items if param.multiple else value)
     except click.BadParameter as e:
         raise KdcacheError(f"{path}: {name}: {' '.join(e.format_message().split())}") from None
 

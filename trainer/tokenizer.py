@@ -20,11 +20,9 @@ log = logging.getLogger("kdcache")
 
 
 def _probe(reference) -> str:
-    """PROBE with the tokenizer's special tokens between its words (at most 32 of them)."""
+    """PROBE, then the tokenizer's special tokens (at most 32), each between spaces and text."""
     specials = [t.content for t in reference.get_added_tokens_decoder().values() if t.special][:32]
-    words = PROBE.split(" ")
-    return " ".join(w + (specials[i] if i < len(specials) else "") for i, w in enumerate(words)) + "".join(
-        specials[len(words):])
+    return " ".join([PROBE, *(f"{s} after" for s in specials)])
 
 
 def disagreement(tokenizer, reference) -> str | None:

@@ -1,12 +1,15 @@
-"""Test helpers: synthetic caches written with cache_format, local vLLM servers; tiny models and toy corpora come
-from pipeline.toy."""
+"""Test helpers: the kdcache command in this process or in its own, synthetic caches written with cache_format,
+local vLLM servers; tiny models and toy corpora come from pipeline.toy."""
 
+import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,51 @@ import numpy as np
 from cache_format import (DomainInfo, Manifest, ShardWriter, SplitRule, TeacherInfo, TokenizerInfo, TopkV1,
                           write_manifest)
 from pipeline.toy import build_llama, build_tokenizer, domain_texts  # noqa: F401  (re-exported for tests)
+
+
+class _CurrentStderr:
+    """sys.stderr as it is at each write: click's runner swaps it for every invocation."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def kdcache(*args, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    """`kdcache ARGS` in this process through click's runner, without an interpreter start and a second import of
+    torch (5 s each on this host). The exit code, stdout and stderr a user would see: kdcache's log lines on
+    stderr, as `kdcache: ...`, and an exception that escapes (--debug) as the interpreter prints it. Tests of the
+    process itself (kill -9, SIGTERM, two processes, vLLM's spawned engine) use kdcache_process."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    log = logging.getLogger("kdcache")
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(logging.Formatter("kdcache: %(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False                          # pytest's handlers on the root logger would not print it
+    try:
+        with contextlib.chdir(cwd or os.getcwd()):
+            r = CliRunner().invoke(cli, [str(a) for a in args], prog_name="kdcache")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(["kdcache", *map(str, args)], r.exit_code, r.stdout, stderr)
+
+
+def kdcache_process(*args, **kw) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in a process of its own (subprocess.run's keywords: env, cwd, timeout)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          **{"timeout": 600, **kw})
 
 
 def random_row(rng: np.random.Generator, row_index: int, domain: str, T: int, K: int, V: int) -> dict:

@@ -19,12 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cache_format import TOKENIZER_NAME, KdcacheError, TopkV2, TopkV3, open_cache, publish, verify_cache
 from pipeline.capture import CaptureConfig
 from pipeline.corpus import DataSpec
-from tests.helpers import domain_texts
-
-
-def kdcache(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, **kw)
+from tests.helpers import domain_texts, kdcache
 
 
 @pytest.fixture(scope="module")

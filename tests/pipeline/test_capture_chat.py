@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import open_cache, verify_cache
 from pipeline.toy import build_llama, build_tokenizer, domain_texts
-from tests.pipeline.test_capture import kdcache
+from tests.helpers import kdcache
 from tests.pipeline.test_chat import CHATML, CHATML_GEN, REWRITES
 from trainer.data import collate
 from trainer.evaluate import evaluate

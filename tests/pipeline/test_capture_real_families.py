@@ -5,6 +5,7 @@ cache holds tokenizer.json's tokens), and a reasoning field that the template ne
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,12 +49,20 @@ ARCHITECTURES = {"llama3": ("llama3", None), "llama3_1": ("llama3", None), "qwen
                  "gemma3": ("gemma3", 262_208), "deepseek_v3": ("llama3", 129_280)}
 
 
-def teacher(root, family):
-    architecture, vocab = ARCHITECTURES[family]
-    build_family(root, architecture, tokenizer(family), hidden=64, layers=1, vocab_size=vocab)
-    for f in ("tokenizer.json", "tokenizer_config.json"):                   # the files as published
-        shutil.copy(path(family) / f, root / f)
-    return root
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """teacher(family): its directory, built once per module (the teachers are only read)."""
+    root = tmp_path_factory.mktemp("teachers")
+
+    def build(family: str) -> Path:
+        out = root / family
+        if not out.exists():
+            architecture, vocab = ARCHITECTURES[family]
+            build_family(out, architecture, tokenizer(family), hidden=64, layers=1, vocab_size=vocab)
+            for f in ("tokenizer.json", "tokenizer_config.json"):                   # the files as published
+                shutil.copy(path(family) / f, out / f)
+        return out
+    return build
 
 
 def check_capture(cache_dir, family, conversations, train_reasoning=True):
@@ -72,28 +81,28 @@ def check_capture(cache_dir, family, conversations, train_reasoning=True):
 
 
 @pytest.mark.parametrize("family", ["llama3", "llama3_1", "qwen3", "gemma3", "deepseek_v3"])
-def test_chat_capture_supervises_the_reference_tokens(family, tmp_path):
+def test_chat_capture_supervises_the_reference_tokens(family, teacher, tmp_path):
     """Single-turn, multi-turn and system-prompt conversations (and, for Qwen3, reasoning) with each published
     template: the capture succeeds and its supervised positions are the reference's."""
     conversations = CONVERSATIONS if family == "qwen3" else list(CASES.values())
-    r = capture(teacher(tmp_path / "teacher", family), write_chats(tmp_path, conversations), tmp_path / "cache")
+    r = capture(teacher(family), write_chats(tmp_path, conversations), tmp_path / "cache")
     assert r.exit_code == 0, r.output
     check_capture(tmp_path / "cache", family, conversations)
 
 
-def test_qwen3_reasoning_left_untrained(tmp_path):
-    r = capture(teacher(tmp_path / "teacher", "qwen3"), write_chats(tmp_path, CONVERSATIONS), tmp_path / "cache",
+def test_qwen3_reasoning_left_untrained(teacher, tmp_path):
+    r = capture(teacher("qwen3"), write_chats(tmp_path, CONVERSATIONS), tmp_path / "cache",
                 "--no-train-reasoning")
     assert r.exit_code == 0, r.output
     check_capture(tmp_path / "cache", "qwen3", CONVERSATIONS, train_reasoning=False)
     assert open_cache(tmp_path / "cache").manifest.capture_config["train_reasoning"] is False
 
 
-def test_deepseek_v3_capture_keeps_the_published_tokenization(tmp_path, caplog):
+def test_deepseek_v3_capture_keeps_the_published_tokenization(teacher, tmp_path, caplog):
     """The cache's ids and tokenizer.json are the published tokenizer's, spaces included."""
     texts = ["Hello, world! The cache keeps every space.", "def f(x):\n    return x  # two spaces"]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    r = capture(teacher(tmp_path / "teacher", "deepseek_v3"), f"text={tmp_path / 't.jsonl'}", tmp_path / "cache",
+    r = capture(teacher("deepseek_v3"), f"text={tmp_path / 't.jsonl'}", tmp_path / "cache",
                 "--seq-len", "64",
                 "--packing", "isolated")
     assert r.exit_code == 0, r.output
@@ -106,8 +115,8 @@ def test_deepseek_v3_capture_keeps_the_published_tokenization(tmp_path, caplog):
     assert Tokenizer.from_str(cache.tokenizer_json()).encode(texts[0]).tokens[:3] == ["Hello", ",", "Ġworld"]
 
 
-def test_reasoning_the_template_never_renders_is_one_error_line(tmp_path):
-    r = capture(teacher(tmp_path / "teacher", "deepseek_v3"), write_chats(tmp_path, [REASONED]), tmp_path / "cache")
+def test_reasoning_the_template_never_renders_is_one_error_line(teacher, tmp_path):
+    r = capture(teacher("deepseek_v3"), write_chats(tmp_path, [REASONED]), tmp_path / "cache")
     assert r.exit_code == 1
     lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "chat.jsonl: record 1: messages[1].reasoning_content is not rendered" in lines[0], \

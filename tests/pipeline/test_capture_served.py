@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from cache_format import open_cache, verify_cache
 from pipeline.cli import cli
 from tests.helpers import VLLMServer, build_llama, build_tokenizer
-from tests.pipeline.test_capture import capture_args, corpus, hf_cache, kdcache, shard_digests  # noqa: F401
+from tests.helpers import kdcache
+from tests.pipeline.test_capture import capture_args, corpus, hf_cache, shard_digests  # noqa: F401
 from tests.pipeline.test_capture_chat import chat_capture, chat_corpus  # noqa: F401
 from tests.pipeline.test_chat import CHATML_GEN
 

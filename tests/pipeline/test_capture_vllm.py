@@ -9,22 +9,29 @@ import numpy as np
 import pytest
 
 from cache_format import open_cache, verify_cache
-from tests.pipeline.test_capture import capture_args, corpus, hf_cache, kdcache  # noqa: F401  (shared fixtures)
+from tests.helpers import kdcache_process
+from tests.pipeline.test_capture import capture_args, corpus, hf_cache  # noqa: F401  (shared fixtures)
 from tests.pipeline.test_capture_chat import chat_cache, chat_capture, chat_corpus, chat_models  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def vllm_capture(tiny_models, corpus, out, output: str):  # noqa: F811
+def vllm_capture(tiny_models, corpus, out, output: str, **kw):  # noqa: F811
     args = [a if a != "hf" else "vllm" for a in capture_args(tiny_models, corpus, out)]
-    return kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--vllm-output", output,
-                   "--enforce-eager")
+    return kdcache_process(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--vllm-output", output,
+                           "--enforce-eager", **kw)
+
+
+IN_PROCESS = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}    # the engine core in kdcache's process
 
 
 @pytest.fixture(scope="module", params=["hidden", "logprobs"])
 def vllm_cache(request, tiny_models, corpus, tmp_path_factory):  # noqa: F811
+    """hidden with vLLM's engine core in a process of its own, as users run it (its start and shutdown); logprobs
+    with the engine core in kdcache's process, which starts faster and computes the same."""
     out = tmp_path_factory.mktemp(f"vllm_{request.param}") / "cache"
-    r = vllm_capture(tiny_models, corpus, out, request.param)
+    r = vllm_capture(tiny_models, corpus, out, request.param, **({"env": IN_PROCESS} if request.param == "logprobs"
+                                                                 else {}))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -66,7 +73,7 @@ def test_hidden_output_refuses_a_head_it_cannot_reproduce(tiny_models, corpus, t
     shutil.copytree(tiny_models["teacher"], teacher)
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["CohereForCausalLM"]}))
-    r = vllm_capture({**tiny_models, "teacher": teacher}, corpus, tmp_path / "cache", "hidden")
+    r = vllm_capture({**tiny_models, "teacher": teacher}, corpus, tmp_path / "cache", "hidden", env=IN_PROCESS)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith(
         "Error: --vllm-output hidden: ['CohereForCausalLM'] is not one of the architectures whose output head")
@@ -77,8 +84,8 @@ def test_vllm_isolated_documents_agree_with_hf(chat_models, chat_corpus, chat_ca
     """A chat cache through vLLM (one prompt per document of an isolated row) equals the HF engine's
     (block-diagonal attention) within the engines-agree bounds, with the same supervised positions."""
     args = [a if a != "hf" else "vllm" for a in chat_capture(chat_models, chat_corpus, tmp_path / "cache", "--codec", "v1")]
-    r = kdcache(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--enforce-eager",
-                env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})      # the engine in-process: starts faster
+    r = kdcache_process(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--enforce-eager",
+                        env=IN_PROCESS)
     assert r.returncode == 0, r.stderr[-3000:]
     v, h = open_cache(tmp_path / "cache"), open_cache(chat_cache)
     assert v.manifest.packing == "isolated" and v.manifest.teacher.engine == "vllm"

@@ -7,11 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-
-
-def kdcache(*args: str) -> subprocess.CompletedProcess:
-    """The real console entry point in a subprocess: exit code, stdout and stderr as a user sees them."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120)
+from tests.helpers import kdcache, kdcache_process
 
 
 def test_inspect_and_verify_on_a_written_cache(synthetic_cache):
@@ -38,8 +34,8 @@ def test_errors_are_one_line_exit_1(synthetic_cache, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
     r = kdcache("verify", str(synthetic_cache))
     assert str(shard) in r.stderr
-    r = kdcache("--debug", "verify", str(synthetic_cache))
-    assert r.returncode == 1 and "Traceback" in r.stderr
+    r = kdcache_process("--debug", "verify", str(synthetic_cache))          # the real process: exit 1, traceback
+    assert r.returncode == 1 and "Traceback" in r.stderr and str(shard) in r.stderr
 
 
 def test_usage_errors_exit_2():

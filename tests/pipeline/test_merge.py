@@ -1,7 +1,5 @@
 """kdcache merge: the parts of N capture workers -> the cache one worker writes, byte for byte; bad parts refused."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,7 @@ import pytest
 from cache_format import CONFIG_NAME, TOKENIZER_NAME, KdcacheError, verify_cache
 from pipeline.capture import CaptureConfig, run_capture
 from pipeline.merge import MergeConfig, run_merge
+from tests.helpers import kdcache
 
 
 def capture(tiny_models, specs, out: Path, **options) -> Path:
@@ -43,12 +42,10 @@ def test_merged_parts_equal_the_single_worker_cache(captures, tmp_path):
 
 def test_the_cli_merges_and_refuses_in_one_line(captures, tmp_path):
     _, single, parts = captures
-    cli = [sys.executable, "-m", "pipeline", "merge"]
-    r = subprocess.run([*cli, *map(str, parts), "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    r = kdcache("merge", *parts, "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
     assert files(tmp_path / "m") == files(single)
-    r = subprocess.run([*cli, str(parts[0]), str(parts[1]), "--out", str(tmp_path / "m2")], capture_output=True,
-                       text=True)
+    r = kdcache("merge", parts[0], parts[1], "--out", tmp_path / "m2")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: merge needs the 3 parts")
     assert not (tmp_path / "m2").exists()
 

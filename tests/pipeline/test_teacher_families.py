@@ -102,7 +102,8 @@ def test_a_teacher_neither_engine_can_use_is_refused_before_any_work(matrix, bac
     import json
     import shutil
 
-    from tests.pipeline.test_capture import kdcache, one_line_error
+    from tests.helpers import kdcache
+    from tests.pipeline.test_capture import one_line_error
 
     def teacher(name: str, **config) -> Path:
         path = tmp_path / name

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import TOKENIZER_NAME, CacheError, KdcacheError, open_cache
 from tests.helpers import build_tokenizer
-from tests.pipeline.test_capture import kdcache, one_line_error
+from tests.helpers import kdcache
+from tests.pipeline.test_capture import one_line_error
 from trainer.config import TrainConfig
 from trainer.student import Vocabulary, compare_vocabularies, load_student
 from trainer.train import run_train

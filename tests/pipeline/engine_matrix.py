@@ -1,8 +1,8 @@
-"""The engine matrix's worker process: `python -m tests.pipeline.engine_matrix MODELS CORPUS OUT FAMILY...` captures
-the same corpus with each family's teacher (MODELS/FAMILY) three times: vLLM with --vllm-output auto (the hidden-
-states fast path behind its guard), vLLM with logprobs, and HF, into OUT/FAMILY/{auto,logprobs,hf}. Then, for the
-first family, with kdcache's head for it made wrong on purpose (scaled by 1/2): auto must fall back to logprobs
-(OUT/wrong-head/auto) and hidden must refuse (its error line in OUT/wrong-head/hidden.txt).
+"""The engine matrix's worker process: `python -m tests.pipeline.engine_matrix MODELS CORPUS OUT [--wrong-head]
+FAMILY...` captures the same corpus with each family's teacher (MODELS/FAMILY) three times: vLLM with --vllm-output
+auto (the hidden-states fast path behind its guard), vLLM with logprobs, and HF, into OUT/FAMILY/{auto,logprobs,hf}.
+With --wrong-head, then, for the first family, with kdcache's head for it made wrong on purpose (scaled by 1/2): auto
+must fall back to logprobs (OUT/wrong-head/auto) and hidden must refuse (its error line in OUT/wrong-head/hidden.txt).
 
 One process for all: vLLM's engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and eager, so an engine
 starts in seconds, with a fixed small KV cache; the engines' numerics are those of a normal capture."""
@@ -28,7 +28,7 @@ def capture(teacher: Path, corpus: Path, out: Path, backend: str, output: str = 
                                      enforce_eager=True))
 
 
-def main(models: Path, corpus: Path, out: Path, families: list[str]) -> None:
+def main(models: Path, corpus: Path, out: Path, families: list[str], wrong_head: bool) -> None:
     from cache_format import KdcacheError
     from pipeline import teachers
 
@@ -37,6 +37,8 @@ def main(models: Path, corpus: Path, out: Path, families: list[str]) -> None:
     for family in families:
         for output in ("auto", "logprobs"):
             capture(models / family, corpus, out / family / output, "vllm", output)
+    if not wrong_head:
+        return
     right = teachers.output_head
     teachers.output_head = lambda path: dataclasses.replace(right(path), scale=right(path).scale / 2)
     capture(models / families[0], corpus, out / "wrong-head" / "auto", "vllm", "auto")
@@ -47,4 +49,5 @@ def main(models: Path, corpus: Path, out: Path, families: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), [f for f in sys.argv[4:] if f != "--wrong-head"],
+         "--wrong-head" in sys.argv)

@@ -4,6 +4,9 @@ kdcache, and vLLM's prompt_logprobs), against the HF engine on the same tiny tea
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,24 +19,33 @@ from tests.pipeline.test_capture_chat import chat_cache, chat_capture, chat_corp
 pytestmark = pytest.mark.slow
 
 
-def vllm_capture(tiny_models, corpus, out, output: str, **kw):  # noqa: F811
+def vllm_args(tiny_models, corpus, out, output: str) -> list:  # noqa: F811
     args = [a if a != "hf" else "vllm" for a in capture_args(tiny_models, corpus, out)]
-    return kdcache_process(*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--vllm-output", output,
-                           "--enforce-eager", **kw)
+    return [*args, "--dtype", "float32", "--gpu-memory-utilization", 0.2, "--vllm-output", output, "--enforce-eager"]
 
 
 IN_PROCESS = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}    # the engine core in kdcache's process
 
 
-@pytest.fixture(scope="module", params=["hidden", "logprobs"])
-def vllm_cache(request, tiny_models, corpus, tmp_path_factory):  # noqa: F811
-    """hidden with vLLM's engine core in a process of its own, as users run it (its start and shutdown); logprobs
-    with the engine core in kdcache's process, which starts faster and computes the same."""
-    out = tmp_path_factory.mktemp(f"vllm_{request.param}") / "cache"
-    r = vllm_capture(tiny_models, corpus, out, request.param, **({"env": IN_PROCESS} if request.param == "logprobs"
-                                                                 else {}))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+@pytest.fixture(scope="module")
+def vllm_caches(tiny_models, corpus, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
+    """{output: its cache}, both captured side by side (an engine's start is mostly one core's Python): hidden with
+    vLLM's engine core in processes of its own, as users run it (their start and shutdown), logprobs with the
+    engine core in kdcache's process, which starts faster and computes the same."""
+    root = tmp_path_factory.mktemp("vllm")
+    runs = {}
+    for output, env in (("hidden", None), ("logprobs", IN_PROCESS)):
+        log = (root / f"{output}.log").open("w")
+        runs[output] = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, vllm_args(
+            tiny_models, corpus, root / output, output))], stdout=subprocess.DEVNULL, stderr=log, env=env)
+    for output, proc in runs.items():
+        assert proc.wait(timeout=600) == 0, (root / f"{output}.log").read_text()[-3000:]
+    return {output: root / output for output in runs}
+
+
+@pytest.fixture(params=["hidden", "logprobs"])
+def vllm_cache(request, vllm_caches) -> Path:
+    return vllm_caches[request.param]
 
 
 def test_vllm_and_hf_engines_agree(vllm_cache, hf_cache):  # noqa: F811
@@ -73,7 +85,8 @@ def test_hidden_output_refuses_a_head_it_cannot_reproduce(tiny_models, corpus, t
     shutil.copytree(tiny_models["teacher"], teacher)
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["CohereForCausalLM"]}))
-    r = vllm_capture({**tiny_models, "teacher": teacher}, corpus, tmp_path / "cache", "hidden", env=IN_PROCESS)
+    r = kdcache_process(*vllm_args({**tiny_models, "teacher": teacher}, corpus, tmp_path / "cache", "hidden"),
+                        env=IN_PROCESS)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith(
         "Error: --vllm-output hidden: ['CohereForCausalLM'] is not one of the architectures whose output head")

@@ -17,6 +17,7 @@ from cache_format.codec_v2 import SQRT_SCALE
 from pipeline.toy import FAMILIES, build_family, build_tokenizer, domain_texts
 
 pytestmark = pytest.mark.slow
+WORKERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,12 @@ def matrix(tmp_path_factory) -> Path:
         build_family(root / "models" / family, family, tokenizer, seed=i)
     corpus = root / "prose.jsonl"
     corpus.write_text("".join('{"text": "%s"}\n' % t for t in domain_texts("prose", 12, seed=1)))
-    # two workers, each with half the families, side by side: an engine's start is mostly one core's Python
+    # WORKERS side by side, each with a share of the families: an engine's start is mostly one core's Python
     families = list(FAMILIES)
-    logs = [root / "worker-0.log", root / "worker-1.log"]
+    logs = [root / f"worker-{i}.log" for i in range(WORKERS)]
     workers = [subprocess.Popen([sys.executable, "-m", "tests.pipeline.engine_matrix", root / "models", corpus,
-                                 root / "out", *args], stdout=subprocess.DEVNULL, stderr=log.open("w"))
-               for log, args in zip(logs, (["--wrong-head", *families[0::2]], families[1::2]))]
+                                 root / "out", *(["--wrong-head"] if i == 0 else []), *families[i::WORKERS]],
+                                stdout=subprocess.DEVNULL, stderr=log.open("w")) for i, log in enumerate(logs)]
     for worker, log in zip(workers, logs):
         assert worker.wait(timeout=1200) == 0, log.read_text()[-4000:]
     return root

@@ -8,10 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from cache_format import open_cache, verify_cache
-from pipeline.cli import cli
 from tests.helpers import VLLMServer, build_llama, build_tokenizer
 from tests.helpers import kdcache
 from tests.pipeline.test_capture import capture_args, corpus, hf_cache, shard_digests  # noqa: F401
@@ -61,9 +59,9 @@ def served_args(tiny_models, corpus, out, urls, *extra):  # noqa: F811
 
 
 def run_cli(*args) -> tuple[int, str]:
-    """kdcache in this process (no interpreter start): (exit code, the last line on stderr)."""
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    return r.exit_code, (r.stderr.strip().splitlines() or [""])[-1]
+    """kdcache in this process: (exit code, the last line on stderr)."""
+    r = kdcache(*args)
+    return r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
 
 
 def requests_in(server: VLLMServer) -> int:

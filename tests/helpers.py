@@ -64,6 +64,18 @@ def kdcache_process(*args, **kw) -> subprocess.CompletedProcess:
                           **{"timeout": 600, **kw})
 
 
+def run_side_by_side(commands: dict[str, list], logs: Path, env: dict[str, dict | None] | None = None) -> None:
+    """Start every command at once (an engine's start is mostly one core's Python), each one's stderr in
+    LOGS/NAME.log (env: NAME -> its environment); return once all have exited 0, else fail with the log's tail."""
+    procs = {}
+    for name, argv in commands.items():
+        with open(logs / f"{name}.log", "w") as log:                # the child keeps its own descriptor
+            procs[name] = subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.DEVNULL, stderr=log,
+                                           env=(env or {}).get(name))
+    for name, proc in procs.items():
+        assert proc.wait(timeout=1200) == 0, (logs / f"{name}.log").read_text()[-4000:]
+
+
 def random_row(rng: np.random.Generator, row_index: int, domain: str, T: int, K: int, V: int) -> dict:
     """One row with a random full teacher distribution per position, stored as top-K + actual-token logprob."""
     input_ids = rng.integers(0, V, size=T).astype(np.int32)                     # (T,)

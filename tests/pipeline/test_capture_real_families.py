@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from cache_format import open_cache, verify_cache
-from pipeline.cli import cli
 from pipeline.toy import build_family
+from tests.helpers import kdcache
 from tests.pipeline.test_real_templates import CASES, REASONED, marked
 from tests.real_families import path, raw, reference, reference_tokens, tokenizer
 
@@ -25,7 +24,7 @@ CONVERSATIONS = [*CASES.values(), REASONED,
 def capture(teacher, data, out, *extra):
     args = ["capture", "--teacher", str(teacher), "--data", data, "--out", str(out), "--backend", "hf",
             "--top-k", "8", "--seq-len", "256", "--val-fraction", "0", "--batch-size", "4", *extra]
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
+    return kdcache(*args)
 
 
 def documents(rows) -> dict[tuple, list[bool]]:
@@ -86,14 +85,14 @@ def test_chat_capture_supervises_the_reference_tokens(family, teacher, tmp_path)
     template: the capture succeeds and its supervised positions are the reference's."""
     conversations = CONVERSATIONS if family == "qwen3" else list(CASES.values())
     r = capture(teacher(family), write_chats(tmp_path, conversations), tmp_path / "cache")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stderr
     check_capture(tmp_path / "cache", family, conversations)
 
 
 def test_qwen3_reasoning_left_untrained(teacher, tmp_path):
     r = capture(teacher("qwen3"), write_chats(tmp_path, CONVERSATIONS), tmp_path / "cache",
                 "--no-train-reasoning")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stderr
     check_capture(tmp_path / "cache", "qwen3", CONVERSATIONS, train_reasoning=False)
     assert open_cache(tmp_path / "cache").manifest.capture_config["train_reasoning"] is False
 
@@ -105,7 +104,7 @@ def test_deepseek_v3_capture_keeps_the_published_tokenization(teacher, tmp_path,
     r = capture(teacher("deepseek_v3"), f"text={tmp_path / 't.jsonl'}", tmp_path / "cache",
                 "--seq-len", "64",
                 "--packing", "isolated")
-    assert r.exit_code == 0, r.output
+    assert r.returncode == 0, r.stderr
     cache = open_cache(tmp_path / "cache")
     eos = raw("deepseek_v3").token_to_id("<｜end▁of▁sentence｜>")
     docs = sorted(documents(cache.iter_rows("train")))
@@ -117,8 +116,8 @@ def test_deepseek_v3_capture_keeps_the_published_tokenization(teacher, tmp_path,
 
 def test_reasoning_the_template_never_renders_is_one_error_line(teacher, tmp_path):
     r = capture(teacher("deepseek_v3"), write_chats(tmp_path, [REASONED]), tmp_path / "cache")
-    assert r.exit_code == 1
-    lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "chat.jsonl: record 1: messages[1].reasoning_content is not rendered" in lines[0], \
-        r.output
+        r.stderr
     assert not (tmp_path / "cache" / "manifest.json").exists()

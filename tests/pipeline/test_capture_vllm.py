@@ -4,15 +4,13 @@ kdcache, and vLLM's prompt_logprobs), against the HF engine on the same tiny tea
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cache_format import open_cache, verify_cache
-from tests.helpers import kdcache_process
+from tests.helpers import kdcache_process, run_side_by_side
 from tests.pipeline.test_capture import capture_args, corpus, hf_cache  # noqa: F401  (shared fixtures)
 from tests.pipeline.test_capture_chat import chat_cache, chat_capture, chat_corpus, chat_models  # noqa: F401
 
@@ -29,18 +27,13 @@ IN_PROCESS = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}    # the engi
 
 @pytest.fixture(scope="module")
 def vllm_caches(tiny_models, corpus, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
-    """{output: its cache}, both captured side by side (an engine's start is mostly one core's Python): hidden with
-    vLLM's engine core in processes of its own, as users run it (their start and shutdown), logprobs with the
-    engine core in kdcache's process, which starts faster and computes the same."""
+    """{output: its cache}, both captured side by side: hidden with vLLM's engine core in processes of its own, as
+    users run it (their start and shutdown), logprobs with the engine core in kdcache's process, which starts faster
+    and computes the same."""
     root = tmp_path_factory.mktemp("vllm")
-    runs = {}
-    for output, env in (("hidden", None), ("logprobs", IN_PROCESS)):
-        log = (root / f"{output}.log").open("w")
-        runs[output] = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, vllm_args(
-            tiny_models, corpus, root / output, output))], stdout=subprocess.DEVNULL, stderr=log, env=env)
-    for output, proc in runs.items():
-        assert proc.wait(timeout=600) == 0, (root / f"{output}.log").read_text()[-3000:]
-    return {output: root / output for output in runs}
+    run_side_by_side({output: ["-m", "pipeline", *vllm_args(tiny_models, corpus, root / output, output)]
+                      for output in ("hidden", "logprobs")}, root, env={"logprobs": IN_PROCESS})
+    return {output: root / output for output in ("hidden", "logprobs")}
 
 
 @pytest.fixture(params=["hidden", "logprobs"])

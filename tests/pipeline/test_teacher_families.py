@@ -4,8 +4,6 @@ captured by vLLM (auto: the guarded hidden-states output; logprobs) and by HF wi
 --kl-budget 0, so that every listed entry keeps its own value, each cache checked against a direct full-vocabulary
 forward of the transformers model."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 from cache_format import open_cache, verify_cache
 from cache_format.codec_v2 import SQRT_SCALE
 from pipeline.toy import FAMILIES, build_family, build_tokenizer, domain_texts
+from tests.helpers import run_side_by_side
 
 pytestmark = pytest.mark.slow
 WORKERS = 2
@@ -29,14 +28,10 @@ def matrix(tmp_path_factory) -> Path:
         build_family(root / "models" / family, family, tokenizer, seed=i)
     corpus = root / "prose.jsonl"
     corpus.write_text("".join('{"text": "%s"}\n' % t for t in domain_texts("prose", 12, seed=1)))
-    # WORKERS side by side, each with a share of the families: an engine's start is mostly one core's Python
-    families = list(FAMILIES)
-    logs = [root / f"worker-{i}.log" for i in range(WORKERS)]
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.pipeline.engine_matrix", root / "models", corpus,
-                                 root / "out", *(["--wrong-head"] if i == 0 else []), *families[i::WORKERS]],
-                                stdout=subprocess.DEVNULL, stderr=log.open("w")) for i, log in enumerate(logs)]
-    for worker, log in zip(workers, logs):
-        assert worker.wait(timeout=1200) == 0, log.read_text()[-4000:]
+    families = list(FAMILIES)                     # WORKERS side by side, each with a share of the families
+    run_side_by_side({f"worker-{i}": ["-m", "tests.pipeline.engine_matrix", root / "models", corpus, root / "out",
+                                      *(["--wrong-head"] if i == 0 else []), *families[i::WORKERS]]
+                      for i in range(WORKERS)}, root)
     return root
 
 

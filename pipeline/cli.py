@@ -305,16 +305,23 @@ def train(ctx: click.Context, config_path: str | None, dry_run: bool, **options)
 @config_option(EvalConfig, "out", str, "Also write the report (with the config) as JSON to this file.")
 @config_option(EvalConfig, "device", str, "Default: cuda if available, else cpu.")
 @config_option(EvalConfig, "generate", int, "Also generate the last reply of this many conversations per domain "
-               "(greedy) and score it with ROUGE-L against the cache's (chat caches; 0: off).")
+               "(greedy unless --temperature) and score it with ROUGE-L against the cache's (chat caches; 0: off).")
 @config_option(EvalConfig, "max_new_tokens", int, "With --generate: tokens per generated reply.")
 @config_option(EvalConfig, "teacher", str, "With --generate: HF model directory of the teacher, whose own replies "
                "are scored too (the ceiling).")
+@config_option(EvalConfig, "temperature", float, "With --generate: sample replies from the softmax at this "
+               "temperature (> 0) instead of greedy ones.")
+@config_option(EvalConfig, "top_p", float, "With --temperature: sample from the top-p nucleus, in (0, 1] "
+               "(transformers' rule).")
+@config_option(EvalConfig, "samples", int, "With --temperature: seeded draws per reply; the report holds their mean "
+               "and standard deviation.")
+@config_option(EvalConfig, "seed", int, "With --temperature: draw s uses seed + s.")
 @config_option(EvalConfig, "cross_tokenizer", bool, "The student has another tokenizer: measure it on its own tokens "
                "(CE/KL where they align exactly with the teacher's, the aligned share and CE on all of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def eval_(as_json: bool, **options) -> None:
     """Per-domain student CE, teacher CE, KL(teacher||student) and perplexity; with --generate, ROUGE-L of
-    greedy replies."""
+    greedy or sampled replies."""
     from trainer.evaluate import run_eval
 
     report = run_eval(EvalConfig(**options))
@@ -335,7 +342,9 @@ def eval_(as_json: bool, **options) -> None:
         click.echo(f"\n{'domain':<16} {'replies':>10} " + " ".join(f"{'rouge_l ' + m:>16}" for m in models))
         for name in [*gen["student"]["domains"], "mean"]:
             rows = [gen[m]["mean"] if name == "mean" else gen[m]["domains"][name] for m in models]
-            click.echo(f"{name:<16} {rows[0]['n']:>10} " + " ".join(f"{r['rouge_l']:>16.4f}" for r in rows))
+            click.echo(f"{name:<16} {rows[0]['n']:>10} " + " ".join(
+                f"{r['rouge_l']:>16.4f}" if "rouge_l_std" not in r else
+                f"{format(r['rouge_l'], '.4f') + ' ± ' + format(r['rouge_l_std'], '.4f'):>16}" for r in rows))
 
 
 @cli.command()

@@ -14,7 +14,8 @@ above over its exactly aligned positions (where the teacher predicted the same s
     trained_ce     the student's cross-entropy over all of its trained positions
     ce_per_byte    the same summed over the bytes of the tokens it predicts: nats per byte, comparable across
                    tokenizers
-With `generate` (conversations per domain), run_eval also scores greedy replies with ROUGE-L (trainer.generate):
+With `generate` (conversations per domain), run_eval also scores replies with ROUGE-L (trainer.generate; greedy,
+or sampled with `temperature`, `top_p`, `samples` seeded draws):
 the student's in report["generate"]["student"] and as `rouge_l` per domain and in the mean; with `teacher`, the
 teacher's own under report["generate"]["teacher"] (the ceiling).
 
@@ -33,7 +34,7 @@ from trainer.cross_tokenizer import StudentRows
 from trainer.data import check_cache, collate
 from trainer.ddk import perplexity
 from trainer.distributed import Dist, all_reduce_sum
-from trainer.generate import generation_report
+from trainer.generate import Decoding, generation_report
 from trainer.losses import LOSSES, cross_entropy
 from trainer.student import load_student, max_positions
 
@@ -52,7 +53,11 @@ class EvalConfig:
     device: str | None = None                # None: cuda if available, else cpu
     generate: int = 0                        # conversations per domain whose last reply is generated (0: off)
     max_new_tokens: int = 128                # per generated reply
-    teacher: str | None = None               # HF model dir: its greedy replies are scored too (the ceiling)
+    teacher: str | None = None               # HF model dir: its replies are scored too (the ceiling)
+    temperature: float | None = None         # sample replies at this temperature (None: greedy)
+    top_p: float = 1.0                       # with temperature: the nucleus sampled from
+    samples: int = 1                         # with temperature: seeded draws, scored and averaged
+    seed: int = 0                            # draw s uses seed + s
     cross_tokenizer: bool = False            # a student with another tokenizer (trainer/cross_tokenizer.py)
 
     def __post_init__(self):
@@ -63,8 +68,25 @@ class EvalConfig:
         if self.cross_tokenizer and self.generate:
             raise KdcacheError("--generate with --cross-tokenizer: replies are scored in the teacher's tokens; "
                                "generate with a same-tokenizer student")
-        if self.teacher is not None and not self.generate:
-            raise KdcacheError(f"--teacher {self.teacher}: only scores generated replies; add --generate N")
+        if self.temperature is not None and not (0 < self.temperature < math.inf):
+            raise KdcacheError(f"--temperature {self.temperature}: must be a finite number > 0 (leave it out for "
+                               "greedy replies)")
+        if not 0 < self.top_p <= 1:
+            raise KdcacheError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.samples < 1:
+            raise KdcacheError(f"--samples {self.samples}: must be >= 1")
+        if self.temperature is None and (self.samples != 1 or self.top_p != 1):
+            flag = f"--samples {self.samples}" if self.samples != 1 else f"--top-p {self.top_p}"
+            raise KdcacheError(f"{flag}: applies to sampled replies (greedy ones are the same every time); add "
+                               "--temperature T")
+        for flag, given in ((f"--teacher {self.teacher}", self.teacher is not None),
+                            (f"--temperature {self.temperature}", self.temperature is not None)):
+            if given and not self.generate:
+                raise KdcacheError(f"{flag}: only applies to generated replies; add --generate N")
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.temperature, self.top_p, self.samples, self.seed)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -79,7 +101,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.generate:                 # first: a cache without replies is refused before the long CE pass
         split_domains(cache, cfg.split)
         gen["student"] = generation_report(cache, model, tokenizer, cfg.split, cfg.generate, cfg.max_new_tokens,
-                                           batch_size=cfg.batch_size)
+                                           batch_size=cfg.batch_size, decoding=cfg.decoding)
     report = evaluate(cache, model, split=cfg.split, batch_size=cfg.batch_size,
                       max_rows_per_domain=cfg.max_rows_per_domain, student_rows=student_rows)
     if cfg.generate:
@@ -92,7 +114,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             except KdcacheError as e:
                 raise KdcacheError(f"--teacher: {e}") from None
             gen["teacher"] = generation_report(cache, teacher, teacher_tok, cfg.split, cfg.generate,
-                                               cfg.max_new_tokens, batch_size=cfg.batch_size)
+                                               cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                               decoding=cfg.decoding)
         report["generate"] = gen
     if cfg.out:
         storage.write_json(cfg.out, {**report, "config": dataclasses.asdict(cfg)})

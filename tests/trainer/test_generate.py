@@ -12,7 +12,7 @@ from cache_format import (DomainInfo, KdcacheError, Manifest, ShardWriter, Split
                           TopkV1, open_cache, tokenizer_fingerprint, write_manifest)
 from pipeline.cli import cli
 from tests.helpers import domain_texts
-from trainer.generate import generation_report, greedy_replies, last_replies, rouge_l
+from trainer.generate import generate_replies, generation_report, last_replies, rouge_l, sample_next
 
 K = 4
 
@@ -95,20 +95,75 @@ def test_greedy_replies_deterministic_with_length_and_stop_ids(tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
     prompts = [tok(t)["input_ids"][:n] for t, n in zip(domain_texts("code", 3, seed=5), (9, 2, 5))]
     eos = {tok.eos_token_id}
-    first = greedy_replies(model, prompts, 10, eos, batch_size=3)
-    assert first == greedy_replies(model, prompts, 10, eos, batch_size=3)
-    assert first == [greedy_replies(model, [p], 10, eos, batch_size=1)[0] for p in prompts]   # padding-free
+    first = generate_replies(model, prompts, 10, eos, batch_size=3)
+    assert first == generate_replies(model, prompts, 10, eos, batch_size=3)
+    assert first == [generate_replies(model, [p], 10, eos, batch_size=1)[0] for p in prompts]   # padding-free
     x = torch.tensor([prompts[0]])                                                 # (1, 9): HF's own greedy agrees
     hf = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, x.shape[1]:].tolist()
     assert first[0] == [t for t in hf if t != tok.eos_token_id][:len(first[0])] and len(first[0]) <= len(hf)
     assert all(len(r) <= 10 for r in first)
-    assert all(len(r) <= 3 for r in greedy_replies(model, prompts, 3, eos))
-    assert all(t < 50 for r in greedy_replies(model, prompts, 10, eos, vocab_size=50) for t in r)
+    assert all(len(r) <= 3 for r in generate_replies(model, prompts, 3, eos))
+    assert all(t < 50 for r in generate_replies(model, prompts, 10, eos, vocab_size=50) for t in r)
     reply = first[0]
     assert len(reply) >= 4 and tok.eos_token_id not in reply
     cut = reply.index(reply[3])                             # the first time that token comes
-    assert greedy_replies(model, prompts[:1], 10, eos | {reply[3]})[0] == reply[:cut]
+    assert generate_replies(model, prompts[:1], 10, eos | {reply[3]})[0] == reply[:cut]
+
+
+def test_sample_next_keeps_transformers_nucleus():
+    """The nucleus against a reference written from its definition: the smallest set of most likely ids whose
+    probability reaches top_p (transformers keeps an id unless the ids less likely than it, with it, sum to
+    <= 1 - top_p); ids outside it are never drawn, and top_p 1 keeps every id."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0, 1.0]])      # (2, 5)
+    for top_p in (0.3, 0.6, 0.8, 0.95, 1.0):
+        probs = (logits / 0.7).softmax(-1)
+        for b in range(2):
+            order = probs[b].argsort(descending=True).tolist()
+            keep, mass = set(), 0.0
+            for i in order:                                    # most likely first, until the mass reaches top_p
+                keep.add(i)
+                mass += float(probs[b, i])
+                if mass >= top_p - 1e-7:
+                    break
+            g = torch.Generator().manual_seed(top_p.__hash__() % 1000)
+            drawn = {int(sample_next(logits[b:b + 1].expand(400, -1), 0.7, top_p, g)[j, 0]) for j in range(400)}
+            assert drawn <= keep and len(drawn) == len(keep), (top_p, b, drawn, keep)
+    # temperature: the frequencies follow softmax(logits / T)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits[:1].expand(20000, -1), 2.0, 1.0, g)[:, 0]
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert torch.allclose(freq, (logits[0].double() / 2).softmax(-1), atol=0.015), freq
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.5, 0.5)])
+def test_sampled_replies_match_transformers_generate(tiny_models, temperature, top_p):
+    """Same seed, same draws (up to 40 tokens each): kdcache's sampler against transformers' generate(do_sample=True) on equal-length
+    prompts (no padding, where the two loops agree), one prompt and a batch of eight; reproducible; another seed
+    gives other replies."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    prompts = [tok(t)["input_ids"][:7] for t in domain_texts("prose", 8, seed=11)]
+    stop = {tok.eos_token_id}
+    for batch in (prompts[:1], prompts):
+        ours = generate_replies(model, batch, 40, stop, batch_size=len(batch), temperature=temperature,
+                                top_p=top_p, seed=3)
+        assert sum(map(len, ours)) >= 10 * len(batch)
+        assert ours == generate_replies(model, batch, 40, stop, batch_size=len(batch), temperature=temperature,
+                                        top_p=top_p, seed=3)
+        torch.manual_seed(3)
+        x = torch.tensor(batch)
+        hf = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature,
+                            top_p=top_p, top_k=0, max_new_tokens=40, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.eos_token_id)[:, x.shape[1]:].tolist()
+        for mine, theirs in zip(ours, hf):
+            cut = next((i for i, t in enumerate(theirs) if t in stop), len(theirs))
+            assert mine == theirs[:cut], (mine, theirs)
+    draws = [generate_replies(model, prompts, 12, stop, temperature=temperature, top_p=top_p, seed=s)
+             for s in range(4)]
+    assert len({str(d) for d in draws}) > 1
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +212,31 @@ def test_eval_generate_end_to_end(chat_caches, tiny_models, tmp_path):
     gen = json.loads(out.read_text())["generate"]
     assert set(gen) == {"student", "teacher"}
     assert all(d["n"] == 3 and 0.0 <= d["rouge_l"] <= 1.0 for d in gen["teacher"]["domains"].values())
+    assert gen["student"]["decoding"] == {"temperature": None, "top_p": 1.0, "samples": 1, "seed": 0}
+
+
+def test_eval_generate_sampled(chat_caches, tiny_models, tmp_path):
+    """--temperature/--top-p/--samples: the mean and the spread over seeded draws in the JSON; the same command
+    gives the same report; the mean is the mean of the draws, each draw the mean over domains."""
+    def run(*extra):
+        r = eval_cli("--cache", chat_caches["chat"], "--student", tiny_models["student"], "--generate", 3,
+                     "--max-new-tokens", 6, "--temperature", 1, "--samples", 4, "--json", *extra)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["generate"]["student"]
+
+    gen = run()
+    assert gen == run()
+    assert gen["decoding"] == {"temperature": 1.0, "top_p": 1.0, "samples": 4, "seed": 0}
+    for d in [*gen["domains"].values(), gen["mean"]]:
+        draws = d["rouge_l_samples"]
+        assert len(draws) == 4 and d["rouge_l"] == pytest.approx(np.mean(draws))
+        assert d["rouge_l_std"] == pytest.approx(np.std(draws, ddof=1))
+    assert gen["mean"]["rouge_l_samples"] == pytest.approx(
+        np.mean([d["rouge_l_samples"] for d in gen["domains"].values()], axis=0))
+    assert run("--seed", 1)["mean"]["rouge_l_samples"][:3] == gen["mean"]["rouge_l_samples"][1:]
+    r = eval_cli("--cache", chat_caches["chat"], "--student", tiny_models["student"], "--generate", 3,
+                 "--max-new-tokens", 6, "--temperature", 0.8, "--top-p", 0.9, "--samples", 2)
+    assert r.exit_code == 0 and " ± " in r.stdout, r.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -164,6 +244,15 @@ def test_eval_generate_end_to_end(chat_caches, tiny_models, tmp_path):
     (["--generate", "-1"], "--generate -1: must be >= 0"),
     (["--generate", "1", "--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
     (["--generate", "1", "--text"], "--generate needs conversations"),
+    (["--generate", "1", "--temperature", "0"], "--temperature 0.0: must be a finite number > 0"),
+    (["--generate", "1", "--temperature", "-1"], "--temperature -1.0: must be a finite number > 0"),
+    (["--generate", "1", "--temperature", "nan"], "--temperature nan: must be a finite number > 0"),
+    (["--generate", "1", "--temperature", "1", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--generate", "1", "--temperature", "1", "--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--generate", "1", "--temperature", "1", "--samples", "0"], "--samples 0: must be >= 1"),
+    (["--generate", "1", "--samples", "3"], "--samples 3: applies to sampled replies"),
+    (["--generate", "1", "--top-p", "0.9"], "--top-p 0.9: applies to sampled replies"),
+    (["--temperature", "1"], "--temperature 1.0: only applies to generated replies; add --generate N"),
 ])
 def test_eval_generate_bad_inputs(chat_caches, tiny_models, args, message):
     cache = chat_caches["text" if "--text" in args else "chat"]

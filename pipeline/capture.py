@@ -481,7 +481,7 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
     """Run the teacher over one shard's rows (batches aligned to the shard start) and commit the shard, keeping
     the teacher's distribution at supervised positions only. A writer thread encodes and writes each batch while
     the engine runs the next ones (at most WRITE_AHEAD waiting)."""
-    writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows, packing=cfg.packing)
+    writer = None
 
     def write(first: int, batch: list[Row], results) -> None:
         for i, (row, (ids, lps, target)) in enumerate(zip(batch, results.rows())):
@@ -494,6 +494,7 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
         bar.update(sum(len(r) for r in batch))
 
     try:
+        writer = ShardWriter(out, rel, codec, row_group_rows=cfg.row_group_rows, packing=cfg.packing)
         # batches that may wait for the writer: enough to keep a served teacher's fleet busy
         ahead = max(WRITE_AHEAD, -(-getattr(teacher, "concurrency", 0) // cfg.batch_size))
         with ThreadPoolExecutor(1, thread_name_prefix="kdcache-writer") as pool:
@@ -514,7 +515,9 @@ def _capture_shard(out: Path, rel: str, rows: list[Row], first_row: int, domain:
                 f.result()
         info = writer.close()
     except BaseException as e:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
+        (out / f"{rel}.tmp").unlink(missing_ok=True)        # a signal while the writer was opening it
         if (full := storage.out_of_space(out / rel, e)) is not None:
             raise full from None
         raise

@@ -361,8 +361,12 @@ def _document(value, path: str, n: int, text_field: str, fmt: str) -> "str | Con
         if not isinstance(text, str):
             raise KdcacheError(f"{where}: field {text_field!r} holds a non-string value {chat.show(text)}")
         return text
-    key = json.dumps({k: v for k, v in value.items() if k in _RECORD_FIELDS}, sort_keys=True, ensure_ascii=False)
-    return Conversation(where, key, chat.to_messages(value, kind, where))
+    return Conversation(where, record_key(value), chat.to_messages(value, kind, where))
+
+
+def record_key(record: dict) -> str:
+    """What decides a conversation's split (split_of): its messages / prompt / completion as canonical JSON."""
+    return json.dumps({k: v for k, v in record.items() if k in _RECORD_FIELDS}, sort_keys=True, ensure_ascii=False)
 
 
 def _file_documents(path: str, text_field: str, stats: CorpusStats,

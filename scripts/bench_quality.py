@@ -15,15 +15,20 @@
 6. the table (rows = methods, columns = domains + average perplexity), printed and written to --doc
    (default docs/quality.md) with the command, machine, sizes, steps and seconds; a final JSON line.
 
-Instruction rows (`--instruction`): on the chat domain alone (the reference corpus' instruction conversations,
-distilled on the replies), a CE-warmed-up student is distilled by each of INSTRUCTION_METHODS (FKL vs FKL+AdaKD
-vs RKL+AdaKD vs JSD+AdaKD, FKL+AdaKD with LATF or IDTS alone, and plain CE as the no-teacher baseline) over 3 seeds, and scored on the val split by `kdcache eval --generate`: the reply-only
-CE and the ROUGE-L of greedy replies (mean and spread over seeds), plus LATF's focus ratio and IDTS's temperature
-range from each run's metrics.jsonl. It takes the shipped assets (pipeline/assets/reference, the output of
-scripts/train_reference_teacher.py --steps 600 --seed 0) and writes its section of --instruction-doc
+Instruction rows (`--instruction`): on one conversation domain (ASSETS/corpus/DOMAIN.jsonl, distilled on the
+replies), a CE-warmed-up student is distilled by each method of INSTRUCTION_GRID (AdaKD's paper's grid: FKL and
+RKL with and without AdaKD, LATF or IDTS alone on RKL, and plain CE as the no-teacher baseline) over 5 seeds, and
+scored on the val split by `kdcache eval --generate`: the reply-only CE and KL, the ROUGE-L of greedy replies and of
+sampled ones (--temperature 1, --samples 5: the paper's measure), mean ± sd over seeds and AdaKD minus its base
+loss paired by seed, plus LATF's focus ratio and IDTS's temperature range from each run's metrics.jsonl, and a PNG
+of ROUGE-L by method. --full-vocab runs the grid again on a full-vocabulary cache of the same teacher (codec v1,
+--top-k V), where the tempered losses are exact. It writes its section (--section) of --instruction-doc
 (docs/benchmarks.md) between INSTRUCTION markers, keeping the text around them.
 
-    python scripts/bench_quality.py --instruction [--steps 400] [--pretrain-steps 200] [--seeds 0,1,2]   # ~14 min
+    python scripts/bench_quality.py --instruction                  # the shipped reference chat domain
+    python scripts/train_instruct_teacher.py --out build/instruct  # man pages, docstrings, Debian descriptions
+    python scripts/bench_quality.py --instruction --assets build/instruct --domain instruct --section instruct \
+        --full-vocab --jobs 2
 
 A method is one line of METHODS: {name: kdcache train options}. Methods that need a TrainConfig field the trainer
 does not have yet (AdaKD: `adakd`) are skipped with a note. Runs are kept under WORK/runs/<name>-<hash of the
@@ -41,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,16 +69,22 @@ METHODS = {
 }
 
 
-# --instruction: name: `kdcache train` options, on the chat cache from the CE-warmed-up student
+# --instruction: name: `kdcache train` options, on the chat cache from the CE-warmed-up student. The default grid
+# (INSTRUCTION_GRID) is AdaKD's paper's: each base loss with and without AdaKD, its ablations on RKL, and CE alone.
 INSTRUCTION_METHODS = {
     "CPT (CE on the references)": dict(loss="ce"),                        # no teacher: the baseline
     "FKL": dict(loss="fkl"),
     "FKL+AdaKD": dict(loss="fkl", adakd=True),
+    "RKL": dict(loss="rkl"),
     "RKL+AdaKD": dict(loss="rkl", adakd=True),
+    "RKL+AdaKD, LATF only": dict(loss="rkl", adakd=True, idts=False),      # ablations: which module moves it
+    "RKL+AdaKD, IDTS only": dict(loss="rkl", adakd=True, latf=False),
     "JSD+AdaKD": dict(loss="jsd", adakd=True),
-    "FKL+AdaKD, LATF only": dict(loss="fkl", adakd=True, idts=False),      # ablations: which module moves it
+    "FKL+AdaKD, LATF only": dict(loss="fkl", adakd=True, idts=False),
     "FKL+AdaKD, IDTS only": dict(loss="fkl", adakd=True, latf=False),
 }
+INSTRUCTION_GRID = ("CPT (CE on the references)", "FKL", "FKL+AdaKD", "RKL", "RKL+AdaKD", "RKL+AdaKD, LATF only",
+                    "RKL+AdaKD, IDTS only")
 CHAT = "chat"
 
 
@@ -194,8 +206,9 @@ def command_line(doc_option: str) -> str:
     return "python scripts/bench_quality.py " + " ".join(shown)
 
 
-def choose_methods(p, args, base: dict) -> tuple[dict, list[str]]:
-    """(base plus the --extra methods, the names chosen by --methods, default all); p.error on a bad name."""
+def choose_methods(p, args, base: dict, default=None) -> tuple[dict, list[str]]:
+    """(base plus the --extra methods, the names chosen by --methods (default: `default`, else all, plus the
+    --extra ones)); p.error on a bad name."""
     methods = dict(base)
     for spec in args.extra:
         cut = spec.find("={")
@@ -203,7 +216,7 @@ def choose_methods(p, args, base: dict) -> tuple[dict, list[str]]:
             p.error(f"--extra {spec!r}: expected NAME={{json options}}")
         methods[spec[:cut]] = json.loads(spec[cut + 1:])
     chosen = [m.strip() for m in args.methods.split(";" if ";" in args.methods else ",")] if args.methods \
-        else list(methods)
+        else [*default, *(m for m in methods if m not in base)] if default else list(methods)
     if unknown := [m for m in chosen if m not in methods]:
         p.error(f"unknown method(s) {unknown}; known: {list(methods)}")
     return methods, chosen
@@ -236,6 +249,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="--instruction: tokens per generated reply")
     p.add_argument("--instruction-doc", default=str(ROOT / "docs" / "benchmarks.md"),
                    help="--instruction: the markdown file whose INSTRUCTION section is (re)written ('': none)")
+    p.add_argument("--domain", default=CHAT, help="--instruction: the conversations, ASSETS/corpus/DOMAIN.jsonl")
+    p.add_argument("--section", default="", help="--instruction: the doc section's tag (several sections can "
+                   "live in one file; '' = the reference chat section)")
+    p.add_argument("--full-vocab", action="store_true", help="--instruction: the grid also on a full-vocabulary "
+                   "cache of the same teacher (codec v1, --top-k V)")
+    p.add_argument("--temperature", type=float, default=1.0, help="--instruction: sampled replies' temperature")
+    p.add_argument("--samples", type=int, default=5, help="--instruction: sampled replies per prompt (seeded)")
+    p.add_argument("--jobs", type=int, default=1, help="--instruction: runs at a time (each --threads threads)")
     args = p.parse_args()
     if args.instruction:
         return instruction_main(p, args)
@@ -396,12 +417,15 @@ def main() -> None:
 
 
 def eval_generate(cache: Path, student: Path, env: dict, logfile: Path, n: int, max_new_tokens: int,
-                  teacher: Path | None = None) -> dict:
-    """`kdcache eval --json --generate n` on the val split (with `teacher`: its replies scored too)."""
+                  teacher: Path | None = None, temperature: float | None = None, samples: int = 1) -> dict:
+    """`kdcache eval --json --generate n` on the val split (with `teacher`: its replies scored too); greedy, or
+    sampled at `temperature` (`samples` seeded draws)."""
     cmd = [sys.executable, "-m", "pipeline", "eval", "--cache", str(cache), "--student", str(student), "--json",
            "--split", "val", "--generate", str(n), "--max-new-tokens", str(max_new_tokens)]
     if teacher is not None:
         cmd += ["--teacher", str(teacher)]
+    if temperature is not None:
+        cmd += ["--temperature", str(temperature), "--samples", str(samples)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     logfile.write_text(r.stdout + r.stderr)
     if r.returncode:
@@ -427,144 +451,223 @@ def adakd_trace(records: list[dict]) -> dict | None:
             "kd_loss_first": recs[0]["kd_loss"], "kd_loss_last": recs[-1]["kd_loss"]}
 
 
-def mean_spread(values: list[float]) -> str:
-    """"mean ± half the range" over seeds."""
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
     m = sum(values) / len(values)
-    return f"{m:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def mean_spread(values: list[float]) -> str:
+    """"mean ± sd" over seeds."""
+    return "{:.3f} ± {:.3f}".format(*mean_sd(values))
+
+
+FULL = "full vocabulary"
+TOP64 = "top-64"
 
 
 def instruction_main(p: argparse.ArgumentParser, args) -> None:
-    """--instruction: the chat cache, a CE warm-up, INSTRUCTION_METHODS x seeds, eval --generate, the doc section."""
+    """--instruction: the domain's cache(s), a CE warm-up, the methods x seeds (x caches), eval --generate greedy
+    and sampled, the doc section and its plot."""
     steps = args.steps or 400
     pretrain = args.pretrain_steps or 200
-    seeds = [int(x) for x in (args.seeds or "0,1,2").split(",")]
-    assets = Path(args.assets)
-    work = Path(args.work if args.work != p.get_default("work") else ROOT / "build" / "bench-quality-instruction")
+    seeds = [int(x) for x in (args.seeds or "0,1,2,3,4").split(",")]
+    assets, domain = Path(args.assets), args.domain
+    work = Path(args.work if args.work != p.get_default("work") else
+                ROOT / "build" / f"bench-quality-instruction-{domain}")
     work.mkdir(parents=True, exist_ok=True)
     env = env_for(args.threads)
     py = sys.executable
     t_all = time.perf_counter()
     seconds = {}
-    for need in ("teacher/config.json", "student/config.json", f"corpus/{CHAT}.jsonl"):
+    for need in ("teacher/config.json", "student/config.json", f"corpus/{domain}.jsonl"):
         if not (assets / need).exists():
-            p.error(f"{assets / need}: missing (run scripts/train_reference_teacher.py --out {assets})")
+            p.error(f"{assets / need}: missing (build the assets first; see --assets)")
     teacher = assets / "teacher"
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
 
-    # 1. the chat cache: replies only, isolated packing (capture's defaults for conversations)
-    cache = work / "cache"
-    capture_cmd = [py, "-m", "pipeline", "capture", "--backend", "hf", "--teacher", str(teacher),
-                   "--data", f"{CHAT}={assets / 'corpus' / f'{CHAT}.jsonl'}", "--top-k", "64", "--seq-len", "128",
-                   "--val-fraction", "0.1", "--dtype", "float32", "--out", str(cache)]
-    if not (cache / "manifest.json").exists():
-        log("[capture] " + " ".join(capture_cmd[1:]))
-        seconds["capture"] = run_logged(capture_cmd, work / "capture.log", env,
-                                        progress=lambda s: log(f"  [capture] {s:.0f}s"), every=30)
-    manifest = json.loads((cache / "manifest.json").read_text())
-    info = {s: manifest["splits"][s][CHAT] for s in ("train", "val")}
+    # 1. the cache(s): replies only, isolated packing (capture's defaults for conversations); with --full-vocab
+    #    also the whole distribution (codec v1, --top-k V: no tail bucket, every loss exact at any temperature)
+    caches = {TOP64: (work / "cache", ["--top-k", "64"])}
+    if args.full_vocab:
+        caches[FULL] = (work / "cache-full", ["--top-k", str(vocab), "--codec", "v1"])
+    manifests = {}
+    for name, (cache, opts) in caches.items():
+        capture_cmd = [py, "-m", "pipeline", "capture", "--backend", "hf", "--teacher", str(teacher),
+                       "--data", f"{domain}={assets / 'corpus' / f'{domain}.jsonl'}", *opts, "--seq-len", "128",
+                       "--val-fraction", "0.1", "--dtype", "float32", "--out", str(cache)]
+        if not (cache / "manifest.json").exists():
+            log("[capture] " + " ".join(capture_cmd[1:]))
+            seconds[f"capture {name}"] = run_logged(capture_cmd, work / f"capture-{slug(name)}.log", env,
+                                                    progress=lambda s: log(f"  [capture] {s:.0f}s"), every=30)
+        manifests[name] = json.loads((cache / "manifest.json").read_text())
+    manifest = manifests[TOP64]
+    info = {s: manifest["splits"][s][domain] for s in ("train", "val")}
     sup = {s: v["supervised_tokens"] for s, v in info.items()}
+    cache_bytes = {name: sum(f.stat().st_size for f in c.rglob("*.parquet")) for name, (c, _) in caches.items()}
     log(f"[cache] rows {({s: v['rows'] for s, v in info.items()})}, tokens {({s: v['tokens'] for s, v in info.items()})}"
-        f", supervised {sup}")
+        f", supervised {sup}, bytes {cache_bytes}")
 
     # 2. runs
-    methods, chosen = choose_methods(p, args, INSTRUCTION_METHODS)
+    methods, chosen = choose_methods(p, args, INSTRUCTION_METHODS, INSTRUCTION_GRID)
     common = dict(steps=steps, batch_size=args.batch_size, lr=args.lr, eval_rows=0, log_every=1, prefetch=1)
     reused = []
 
-    def train(name: str, student: Path, options: dict, seed: int) -> tuple[Path, float]:
-        return train_run(name, student, {**common, "seed": seed, **options}, options, cache, work, env, args.reuse,
-                         reused, [manifest["tokenizer"], manifest["splits"]])
+    def train(name: str, cache_name: str, student: Path, options: dict, seed: int) -> tuple[Path, float]:
+        m = manifests[cache_name]
+        return train_run(name, student, {**common, "seed": seed, **options}, options, caches[cache_name][0], work,
+                         env, args.reuse, reused, [m["tokenizer"], m["splits"], m["codec"], m["top_k"]])
 
     (work / "evals").mkdir(exist_ok=True)
-    run, seconds["warm-up"] = train("warmup", assets / "student", dict(loss="ce", steps=pretrain), 0)
+    run, seconds["warm-up"] = train("warmup", TOP64, assets / "student", dict(loss="ce", steps=pretrain), 0)
     student = run / "final"
-    base = eval_generate(cache, student, env, work / "evals" / "warmup.log", args.generate, args.max_new_tokens,
-                         teacher=teacher)
-    start = {"ce": base["domains"][CHAT]["student_ce"], "rouge": base["generate"]["student"]["domains"][CHAT]["rouge_l"]}
-    ceiling = {"ce": base["domains"][CHAT]["teacher_ce"], "rouge": base["generate"]["teacher"]["domains"][CHAT]["rouge_l"]}
-    log(f"[warm-up] {pretrain} CE steps: reply CE {start['ce']:.3f}, ROUGE-L {start['rouge']:.3f}; teacher reply CE "
-        f"{ceiling['ce']:.3f}, ROUGE-L {ceiling['rouge']:.3f}")
+    decode = dict(temperature=args.temperature, samples=args.samples)
+    gen = lambda cache, model, logfile, **kw: eval_generate(cache, model, env, logfile, args.generate,  # noqa: E731
+                                                            args.max_new_tokens, **kw)
+    base = {"greedy": gen(work / "cache", student, work / "evals" / "warmup.log", teacher=teacher),
+            "sampled": gen(work / "cache", student, work / "evals" / "warmup-sampled.log", teacher=teacher, **decode)}
+    rouge = lambda rep, who="student": rep["generate"][who]["domains"][domain]["rouge_l"]  # noqa: E731
+    start = {"ce": base["greedy"]["domains"][domain]["student_ce"], "kl": base["greedy"]["domains"][domain]["kl"],
+             "rouge": rouge(base["greedy"]), "sampled": rouge(base["sampled"])}
+    ceiling = {"ce": base["greedy"]["domains"][domain]["teacher_ce"], "rouge": rouge(base["greedy"], "teacher"),
+               "sampled": rouge(base["sampled"], "teacher"),
+               "sampled_sd": base["sampled"]["generate"]["teacher"]["domains"][domain]["rouge_l_std"]}
+    log(f"[warm-up] {pretrain} CE steps: reply CE {start['ce']:.3f}, ROUGE-L greedy {start['rouge']:.3f} sampled "
+        f"{start['sampled']:.3f}; teacher reply CE {ceiling['ce']:.3f}, ROUGE-L greedy {ceiling['rouge']:.3f} "
+        f"sampled {ceiling['sampled']:.3f}")
 
-    results = {}                  # name: {"ce": [per seed], "rouge": [...], "seconds": [...], "adakd": [traces]}
-    for name in chosen:
-        r = results[name] = {"ce": [], "rouge": [], "kl": [], "seconds": [], "adakd": []}
-        for seed in seeds:
-            run, sec = train(name, student, methods[name], seed)
-            rep = eval_generate(cache, run / "final", env, run.parent / f"{run.name}.eval.log", args.generate,
-                                args.max_new_tokens)
-            r["ce"].append(rep["domains"][CHAT]["student_ce"])
-            r["kl"].append(rep["domains"][CHAT]["kl"])
-            r["rouge"].append(rep["generate"]["student"]["domains"][CHAT]["rouge_l"])
+    # every (cache, method, seed), --jobs at a time; CE ignores the teacher, so CPT runs on the top-64 cache only
+    jobs = [(c, name, seed) for c in caches for name in chosen for seed in seeds
+            if c == TOP64 or methods[name].get("loss") != "ce"]
+    results = {}                   # (cache, name): {"ce": [per seed], "rouge", "sampled", "kl", "seconds", "adakd"}
+
+    def one(job):
+        cache_name, name, seed = job
+        run, sec = train(name, cache_name, student, methods[name], seed)
+        cache = caches[cache_name][0]
+        greedy = gen(cache, run / "final", run.parent / f"{run.name}.eval.log")
+        sampled = gen(cache, run / "final", run.parent / f"{run.name}.eval-sampled.log", **decode)
+        return job, sec, greedy, sampled, adakd_trace(read_metrics(run / "metrics.jsonl"))
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for (cache_name, name, seed), sec, greedy, sampled, trace in pool.map(one, jobs):
+            r = results.setdefault((cache_name, name), {k: [] for k in ("ce", "kl", "rouge", "sampled", "seconds",
+                                                                          "adakd")})
+            r["ce"].append(greedy["domains"][domain]["student_ce"])
+            r["kl"].append(greedy["domains"][domain]["kl"])
+            r["rouge"].append(rouge(greedy))
+            r["sampled"].append(rouge(sampled))
             r["seconds"].append(round(sec, 1))
-            if (trace := adakd_trace(read_metrics(run / "metrics.jsonl"))) is not None:
+            if trace is not None:
                 r["adakd"].append(trace)
-            log(f"  [{name}] seed {seed}: reply CE {r['ce'][-1]:.4f}, ROUGE-L {r['rouge'][-1]:.3f}, {sec:.0f}s "
-                f"({time.perf_counter() - t_all:.0f}s total)")
+            log(f"  [{cache_name}: {name}] seed {seed}: reply CE {r['ce'][-1]:.4f}, ROUGE-L greedy {r['rouge'][-1]:.3f}"
+                f" sampled {r['sampled'][-1]:.3f}, {sec:.0f}s ({time.perf_counter() - t_all:.0f}s total)")
     t_total = time.perf_counter() - t_all
 
-    # 3. tables
-    n_gen = base["generate"]["student"]["domains"][CHAT]["n"]
-    table_lines = ["| method | reply CE (nats) | reply ppl | KL(teacher‖student) | ROUGE-L | seconds per run |",
-                   "|---|---|---|---|---|---|",
-                   f"| student after the CE warm-up | {start['ce']:.3f} | {math.exp(start['ce']):.3f} | "
-                   f"{base['domains'][CHAT]['kl']:.3f} | {start['rouge']:.3f} | |"]
-    for name, r in results.items():
-        table_lines.append(f"| {name} | {mean_spread(r['ce'])} | {math.exp(sum(r['ce']) / len(r['ce'])):.3f} | "
-                           f"{mean_spread(r['kl'])} | {mean_spread(r['rouge'])} | "
+    # 3. tables, plot
+    n_gen = base["greedy"]["generate"]["student"]["domains"][domain]["n"]
+    table_lines = [f"| cache | method | reply CE (nats) | KL(teacher‖student) | ROUGE-L greedy | ROUGE-L sampled "
+                   f"(T {args.temperature:g}, {args.samples} draws) | seconds per run |", "|---|---|---|---|---|---|---|",
+                   f"| | student after the CE warm-up | {start['ce']:.3f} | {start['kl']:.3f} | {start['rouge']:.3f} | "
+                   f"{start['sampled']:.3f} | |"]
+    for (cache_name, name), r in results.items():
+        table_lines.append(f"| {cache_name} | {name} | {mean_spread(r['ce'])} | {mean_spread(r['kl'])} | "
+                           f"{mean_spread(r['rouge'])} | {mean_spread(r['sampled'])} | "
                            f"{sum(r['seconds']) / len(r['seconds']):.0f} |")
-    table_lines.append(f"| teacher (ceiling) | {ceiling['ce']:.3f} | {math.exp(ceiling['ce']):.3f} | 0 | "
-                       f"{ceiling['rouge']:.3f} | |")
-    trace_lines = ["| method | focus ratio at 0 / 10 / 25 / 50 / 75 / 100 % of the steps | lowest ratio (first "
-                   "step there, per seed) | mean ratio | τ min–max over the run | mean τ | KD loss first → last |",
-                   "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        if not r["adakd"]:
+    table_lines.append(f"| | teacher (ceiling) | {ceiling['ce']:.3f} | 0 | {ceiling['rouge']:.3f} | "
+                       f"{ceiling['sampled']:.3f} ± {ceiling['sampled_sd']:.3f} (over draws) | |")
+    paired_lines = ["| cache | method − its base | Δ reply CE | Δ ROUGE-L greedy | Δ ROUGE-L sampled |", "|---|---|---|---|---|"]
+    for (cache_name, name), r in results.items():
+        base_name = next((b for b in ("FKL", "RKL") if name.startswith(b + "+")), None)
+        if base_name and (cache_name, base_name) in results and len(r["ce"]) == len(results[cache_name, base_name]["ce"]):
+            b = results[cache_name, base_name]
+            delta = lambda k: mean_spread([x - y for x, y in zip(r[k], b[k])])  # noqa: E731
+            paired_lines.append(f"| {cache_name} | {name} − {base_name} | {delta('ce')} | {delta('rouge')} | "
+                                f"{delta('sampled')} |")
+    trace_lines = ["| cache | method | focus ratio at 0 / 10 / 25 / 50 / 75 / 100 % of the steps | mean ratio | "
+                   "τ min–max over the run | mean τ | KD loss first → last |", "|---|---|---|---|---|---|---|"]
+    for (cache_name, name), r in results.items():
+        if not (tr := r["adakd"]):
             continue
-        tr = r["adakd"]
         avg = lambda key: sum(t[key] for t in tr) / len(tr)   # noqa: E731
         ratios = " / ".join(f"{sum(t['focus_ratio'][q] for t in tr) / len(tr):.2f}" for q in tr[0]["focus_ratio"])
-        trace_lines.append(f"| {name} | {ratios} | {avg('focus_min'):.2f} (steps "
-                           f"{', '.join(str(t['focus_min_step']) for t in tr)}) | {avg('focus_mean'):.2f} | "
+        trace_lines.append(f"| {cache_name} | {name} | {ratios} | {avg('focus_mean'):.2f} | "
                            f"{min(t['tau_min'] for t in tr):.2f}–{max(t['tau_max'] for t in tr):.2f} | "
                            f"{avg('tau_mean'):.3f} | {avg('kd_loss_first'):.3f} → {avg('kd_loss_last'):.3f} |")
     import torch
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
-               f"{args.threads or torch.get_num_threads()} torch thread(s) per process")
+               f"{args.threads or torch.get_num_threads()} torch thread(s) per process, {args.jobs} run(s) at a time")
     cmd_line = command_line("--instruction-doc")
-    log(f"\nchat domain, val split ({sup['val']:,} reply tokens; ROUGE-L over {n_gen} conversations), "
-        f"{steps} steps x batch {args.batch_size}, lr {args.lr}, seeds {seeds} (mean ± half range):")
-    for line in table_lines + [""] + trace_lines:
+    log(f"\n{domain} domain, val split ({sup['val']:,} reply tokens; ROUGE-L over {n_gen} conversations), "
+        f"{steps} steps x batch {args.batch_size}, lr {args.lr}, seeds {seeds} (mean ± sd over seeds):")
+    for line in table_lines + [""] + paired_lines + [""] + trace_lines:
         log(line)
-    result = {"steps": steps, "pretrain_steps": pretrain, "batch_size": args.batch_size, "lr": args.lr,
-              "seeds": seeds, "generate": n_gen, "max_new_tokens": args.max_new_tokens, "cache": info,
-              "supervised_tokens": sup, "start": start, "teacher": ceiling,
-              "methods": {n: {k: v for k, v in r.items()} for n, r in results.items()},
+    result = {"domain": domain, "assets": str(assets), "steps": steps, "pretrain_steps": pretrain,
+              "batch_size": args.batch_size, "lr": args.lr, "seeds": seeds, "generate": n_gen,
+              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "samples": args.samples,
+              "cache": info, "supervised_tokens": sup, "cache_bytes": cache_bytes, "start": start, "teacher": ceiling,
+              "methods": {f"{c}: {n}": r for (c, n), r in results.items()},
               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "total_seconds": round(t_total, 1),
               "reused_runs": len(reused), "machine": machine}
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.instruction_doc:
-        write_instruction_doc(Path(args.instruction_doc), cmd_line, machine, result, table_lines, trace_lines)
-        log(f"\nwrote the INSTRUCTION section of {args.instruction_doc}")
+        doc = Path(args.instruction_doc)
+        png = doc.parent / f"instruction_{slug(args.section or domain)}.png"
+        plot_rouge(results, start, ceiling, png, f"{domain}: val ROUGE-L by method (mean ± sd over {len(seeds)} "
+                                                   f"seeds)", args.temperature, args.samples)
+        write_instruction_doc(doc, args.section, cmd_line, machine, result, table_lines, paired_lines,
+                              trace_lines, png.name)
+        log(f"\nwrote the INSTRUCTION section of {args.instruction_doc} and {png}")
     print(json.dumps({k: v for k, v in result.items() if k != "methods"} |
-                     {"methods": {n: {k: r[k] for k in ("ce", "rouge", "seconds")} for n, r in results.items()}}))
+                     {"methods": {f"{c}: {n}": {k: r[k] for k in ("ce", "rouge", "sampled")}
+                                  for (c, n), r in results.items()}}))
 
 
-INSTRUCTION_BEGIN, INSTRUCTION_END = "<!-- INSTRUCTION: generated by scripts/bench_quality.py --instruction -->", \
-    "<!-- /INSTRUCTION -->"
+def plot_rouge(results: dict, start: dict, ceiling: dict, path: Path, title: str, temperature: float,
+               samples: int) -> None:
+    """Bars of greedy and sampled ROUGE-L per (cache, method) with the sd over seeds; warm-up and teacher lines."""
+    from trainer.plots import plt, save_figure
+    names = [f"{n}\n({c})" for c, n in results]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names)), 4.8), sharey=False)
+    for ax, key, label in ((axes[0], "rouge", "greedy"), (axes[1], "sampled", f"sampled (T {temperature:g}, "
+                                                                              f"{samples} draws)")):
+        ms = [mean_sd(r[key]) for r in results.values()]
+        colors = ["#4c72b0" if c == TOP64 else "#dd8452" for c, _ in results]
+        ax.bar(range(len(ms)), [m for m, _ in ms], yerr=[s for _, s in ms], color=colors, capsize=3)
+        ax.axhline(start[key], color="grey", ls=":", label="student after CE warm-up")
+        ax.axhline(ceiling[key], color="green", ls="--", label="teacher")
+        lo = min(min(m - s for m, s in ms), start[key]) - 0.01
+        ax.set_ylim(max(0, lo), max(max(m + s for m, s in ms), ceiling[key]) + 0.01)
+        ax.set_xticks(range(len(ms)), names, rotation=60, ha="right", fontsize=7)
+        ax.set(title=f"ROUGE-L, {label}", ylabel="val ROUGE-L F1")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title + " — blue: top-64 cache, orange: full-vocabulary cache", fontsize=9)
+    save_figure(fig, path)
 
 
-def write_instruction_doc(path: Path, cmd: str, machine: str, result: dict, table_lines, trace_lines) -> None:
-    """(Re)write the generated block between the INSTRUCTION markers of `path`; the text around it (the section
+def instruction_markers(section: str) -> tuple[str, str]:
+    tag = f" {section}" if section else ""
+    return (f"<!-- INSTRUCTION{tag}: generated by scripts/bench_quality.py --instruction -->",
+            f"<!-- /INSTRUCTION{tag} -->")
+
+
+def write_instruction_doc(path: Path, section: str, cmd: str, machine: str, result: dict, table_lines,
+                          paired_lines, trace_lines, png: str) -> None:
+    """(Re)write the generated block between the section's INSTRUCTION markers of `path`; the text around it (the
     heading and the hand-written analysis) is kept. Without the markers, a new section is appended."""
+    begin, end = instruction_markers(section)
     c, sup = result["cache"], result["supervised_tokens"]
     block = [
-        INSTRUCTION_BEGIN,
+        begin,
         f"Command: `{cmd}`  ",
         f"Machine: {machine}.  ",
-        f"Cache: the reference corpus' `chat` domain alone (HF capture, top-64, seq 128, val fraction 0.1, isolated "
+        f"Cache: `{result['domain']}` of {result['assets']} (HF capture, seq 128, val fraction 0.1, isolated "
         f"packing, replies only): train {c['train']['rows']} rows / {c['train']['tokens']:,} tokens of which "
         f"{sup['train']:,} reply tokens; val {c['val']['rows']} rows / {c['val']['tokens']:,} tokens, "
-        f"{sup['val']:,} reply tokens.  ",
-        f"Student: the shipped 0.26M-param student after {result['pretrain_steps']} CE steps on this cache (batch "
+        f"{sup['val']:,} reply tokens. Bytes on disk: "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in result["cache_bytes"].items()) + ".  ",
+        f"Student: the assets' student after {result['pretrain_steps']} CE steps on this cache (batch "
         f"{result['batch_size']}, lr {result['lr']}); then each method {result['steps']} steps × "
         f"{result['batch_size']} rows × 128 tokens, lr {result['lr']}, seeds {result['seeds']}, every other option "
         f"at its default (AdaKD: LATF + IDTS, c = 0.5, β = 0.99, ε = δ = 0.05, floor 0.1, 5 % warm-up). "
@@ -572,21 +675,26 @@ def write_instruction_doc(path: Path, cmd: str, machine: str, result: dict, tabl
         + f"; total {result['total_seconds']:.0f} s"
         + (f" ({result['reused_runs']} runs reused)" if result["reused_runs"] else "") + ".",
         "",
-        f"Val split: reply-only CE and KL (`kdcache eval`), ROUGE-L F1 of greedy replies to the last user turn of "
+        f"Val split: reply-only CE and KL (`kdcache eval`), ROUGE-L F1 of replies to the last user turn of "
         f"{result['generate']} conversations (`kdcache eval --generate {result['generate']} --max-new-tokens "
-        f"{result['max_new_tokens']}`); mean ± half the range over the seeds:", "",
+        f"{result['max_new_tokens']}`, greedy, and `--temperature {result['temperature']:g} --samples "
+        f"{result['samples']}`: the mean over the draws); mean ± sd over the seeds:", "",
         *table_lines, "",
+        "Paired by seed (the same seed's data order and init), AdaKD and its modules minus their base loss; "
+        "mean ± sd over seeds:", "",
+        *paired_lines, "",
         "AdaKD's state along the runs (metrics.jsonl; mean over seeds):", "",
         *trace_lines, "",
-        INSTRUCTION_END,
+        f"![ROUGE-L by method]({png})", "",
+        end,
     ]
     text = path.read_text() if path.exists() else ""
-    if INSTRUCTION_BEGIN in text and INSTRUCTION_END in text:
-        head, rest = text.split(INSTRUCTION_BEGIN, 1)
-        text = head + "\n".join(block) + rest.split(INSTRUCTION_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + "\n".join(block) + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Instruction distillation (`scripts/bench_quality.py --instruction`)\n\n" \
-            + "\n".join(block) + "\n"
+        text = text.rstrip("\n") + f"\n\n## Instruction distillation: {section or result['domain']} " \
+            "(`scripts/bench_quality.py --instruction`)\n\n" + "\n".join(block) + "\n"
     path.write_text(text)
 
 

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from pipeline.corpus import record_key, split_of  # noqa: E402
-from train_reference_teacher import (END, EOS, build_tokenizer, llama_config, lr_at, render_chat,  # noqa: E402
-                                     save_tokenizer)
+from train_reference_teacher import (END, EOS, adamw, build_tokenizer, llama_config, lr_at, render_chat,  # noqa: E402
+                                     save_student, save_tokenizer)
 
 DOMAIN = "instruct"
 REPLY_WORDS = 40
@@ -242,10 +242,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     teacher = LlamaForCausalLM(llama_config(vocab, args.hidden, args.layers, eos_id))
     n_params = sum(p.numel() for p in teacher.parameters())
-    decay = [p for p in teacher.parameters() if p.dim() >= 2]
-    no_decay = [p for p in teacher.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(teacher, args.lr)
     ids, masks = rendered["train"]
     per_epoch = math.ceil(len(ids) / args.batch_size)
     steps = int(args.epochs * per_epoch)
@@ -267,7 +264,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if (step + 1) % 100 == 0 or step + 1 == steps:
             el = time.perf_counter() - t_train
             print(f"  step {step + 1}/{steps} reply loss {ema:.3f} {el:.0f}s (ETA {el / (step + 1) * (steps - step - 1):.0f}s)",
@@ -289,11 +287,7 @@ def main() -> None:
     teacher.generation_config.eos_token_id = [eos_id, end_id]
     teacher.save_pretrained(out / "teacher")
     save_tokenizer(tokenizer, out / "teacher")
-    torch.manual_seed(args.seed + 1)
-    student = LlamaForCausalLM(llama_config(vocab, args.student_hidden, args.student_layers, eos_id))
-    student.generation_config.eos_token_id = [eos_id, end_id]
-    student.save_pretrained(out / "student")
-    save_tokenizer(tokenizer, out / "student")
+    student = save_student(out / "student", tokenizer, args.student_hidden, args.student_layers, args.seed + 1)
     report = {"out": str(out), "seed": args.seed, "vocab": vocab, "conversations": len(records), "sources": sources,
               "split": {s: len(c) for s, c in by_split.items()}, "val_fraction": args.val_fraction,
               "reply_tokens": reply_tokens,

@@ -368,6 +368,19 @@ def llama_config(vocab: int, hidden: int, layers: int, eos_id: int, intermediate
                        tie_word_embeddings=False, rope_theta=10000.0, torch_dtype="float32")
 
 
+def save_student(path: Path, tokenizer, hidden: int, layers: int, seed: int):
+    """A random-init Llama student (seeded) that stops at EOS or the end of a turn, saved with the tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+    eos_id, end_id = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(END)
+    torch.manual_seed(seed)
+    student = LlamaForCausalLM(llama_config(len(tokenizer), hidden, layers, eos_id))
+    student.generation_config.eos_token_id = [eos_id, end_id]
+    student.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
+    return student
+
+
 def domain_ce(model, rows: dict[str, np.ndarray], batch_size: int = 16) -> dict[str, float]:
     """Mean next-token CE (nats) per domain over the given packed rows."""
     import torch
@@ -431,6 +444,15 @@ def greedy_check(model, tokenizer, conversations: list[list[dict]], ids: list[li
     return {"n": len(conversations), "exact": rate(hits["sums"] + hits["facts"]), "exact_sums": rate(hits["sums"]),
             "n_sums": len(hits["sums"]), "exact_facts": rate(hits["facts"]), "n_facts": len(hits["facts"]),
             "examples": examples}
+
+
+def adamw(model, lr: float):
+    """AdamW (betas 0.9/0.95), weight decay 0.1 on matrices only."""
+    import torch
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int, min_ratio: float = 0.1) -> float:
@@ -501,10 +523,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     teacher = LlamaForCausalLM(llama_config(vocab, args.hidden, args.layers, eos_id))
     n_params = sum(p.numel() for p in teacher.parameters())
-    decay = [p for p in teacher.parameters() if p.dim() >= 2]
-    no_decay = [p for p in teacher.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(teacher, args.lr)
     text_rng = np.random.default_rng([args.seed, 2])                    # one stream for the text rows
     rngs = {**{d: text_rng for d in TEXT_DOMAINS}, "chat": np.random.default_rng([args.seed, 3])}
     cursor = {d: 0 for d in DOMAINS}
@@ -561,11 +580,7 @@ def main() -> None:
     teacher.generation_config.eos_token_id = [eos_id, end_id]      # HF generate stops at the end of a turn
     teacher.save_pretrained(out / "teacher")
     save_tokenizer(tokenizer, out / "teacher")
-    torch.manual_seed(args.seed + 1)
-    student = LlamaForCausalLM(llama_config(vocab, args.student_hidden, args.student_layers, eos_id))
-    student.generation_config.eos_token_id = [eos_id, end_id]
-    student.save_pretrained(out / "student")
-    save_tokenizer(tokenizer, out / "student")
+    student = save_student(out / "student", tokenizer, args.student_hidden, args.student_layers, args.seed + 1)
     student_ce = domain_ce(student, {d: r[:16] for d, r in corpus_rows.items()})
 
     print(f"\n{'domain':<8} {'teacher CE':>10} {'ppl':>8} {'random student ppl':>19}")

@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -453,8 +454,7 @@ def adakd_trace(records: list[dict]) -> dict | None:
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for one value)."""
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def mean_spread(values: list[float]) -> str:

@@ -234,6 +234,8 @@ _train = functools.partial(config_option, TrainConfig)
 @_train("ce_weight", float, "Weight of CE on the actual next token, mixed into any KD loss (default 0; DDK and "
         "--cross-tokenizer: 1).")
 @_train("temperature", float)
+@_train("tau_squared", bool, "Weight tempered losses by tau^2 (Hinton; AdaKD's code); off: the tempered divergence "
+        "itself.")
 @_train("jsd_beta", float, "jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention).")
 @_train("skew_alpha", float, "sfkl/srkl: the skew (DistiLLM).")
 @_train("akl_mu", float, "akl: head mass threshold.")

@@ -83,6 +83,10 @@ INSTRUCTION_METHODS = {
     "JSD+AdaKD": dict(loss="jsd", adakd=True),
     "FKL+AdaKD, LATF only": dict(loss="fkl", adakd=True, idts=False),
     "FKL+AdaKD, IDTS only": dict(loss="fkl", adakd=True, latf=False),
+    "RKL+AdaKD, IDTS only, c 0.2": dict(loss="rkl", adakd=True, latf=False, adakd_c=0.2),   # IDTS's band, narrowed
+    "RKL+AdaKD, IDTS only, no τ²": dict(loss="rkl", adakd=True, latf=False, tau_squared=False),  # its weight, dropped
+    "RKL+AdaKD, c 0.2": dict(loss="rkl", adakd=True, adakd_c=0.2),
+    "RKL+AdaKD, no τ²": dict(loss="rkl", adakd=True, tau_squared=False),
 }
 INSTRUCTION_GRID = ("CPT (CE on the references)", "FKL", "FKL+AdaKD", "RKL", "RKL+AdaKD", "RKL+AdaKD, LATF only",
                     "RKL+AdaKD, IDTS only")

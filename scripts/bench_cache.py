@@ -259,7 +259,7 @@ def scatter_vocab(t: dict, rows: np.ndarray, vocab: int) -> tuple[dict, np.ndarr
 def bench_teacher(name: str, teacher: Path, work: Path, tokens: int, speed_tokens: int,
                   scatter_to: int | None = None) -> dict:
     from cache_format import TopkV1, TopkV2, TopkV3
-    from pipeline.capture import DEFAULT_KL_SCALE
+    from pipeline.config import DEFAULT_KL_SCALE
 
     S2, S3 = DEFAULT_KL_SCALE["v2"], DEFAULT_KL_SCALE["v3"]
     rows = corpus_rows(teacher, name.split("-in-")[0].split("-")[0], tokens)

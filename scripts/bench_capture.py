@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--e2e-docs", type=int, default=12000, help="documents in the end-to-end corpus (~37 tokens each)")
     args = ap.parse_args()
 
-    from pipeline.toy import build_llama, build_tokenizer, domain_texts
+    from tests.toy import build_llama, build_tokenizer, domain_texts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_capture_"))
     tok = build_tokenizer(tmp / "teacher")

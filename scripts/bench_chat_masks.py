@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
-    from pipeline.toy import WORDS
+    from tests.toy import WORDS
     rng = np.random.default_rng(seed)
     words = [w for ws in WORDS.values() for w in ws]
 

@@ -6,7 +6,7 @@ family's real vocabulary size (the default codec at its default setting, on the 
                                      [--hidden 128] [--layers 2] [--dtype D] [--in-process] [--compile]
                                      [--out FILE.json]
 
-Each family is pipeline/toy.py's tiny random model at its real vocabulary (FAMILIES: Qwen2 151,936 tied, Llama 3
+Each family is tests/toy.py's tiny random model at its real vocabulary (FAMILIES: Qwen2 151,936 tied, Llama 3
 128,256, Gemma 2 256,000 soft-capped, Gemma 3 262,144, Granite 49,155 scaled, Phi-3 200,064, Phi 51,200 with a
 bias, GPT-NeoX 50,304 embed_out, Qwen3-MoE 151,936), logits of std 6. A tiny body exaggerates the share of the
 per-logit work, which is what the two outputs differ in. The engines run as a capture runs them (engine core in
@@ -33,7 +33,7 @@ from bench_capture import best_of  # noqa: E402  (a sibling script)
 def bytes_per_token(results, rows: list[np.ndarray], vocab: int, k: int, seq_len: int, root: Path) -> float:
     """The rows' cache bytes per token: the arrays written by capture's default codec and setting."""
     from cache_format import ShardWriter
-    from pipeline.capture import CaptureConfig
+    from pipeline.config import CaptureConfig
     from pipeline.corpus import DataSpec
 
     cfg = CaptureConfig(teacher="-", data=(DataSpec("d", "-"),), out="-", top_k=k, seq_len=seq_len)
@@ -47,7 +47,7 @@ def bytes_per_token(results, rows: list[np.ndarray], vocab: int, k: int, seq_len
 
 def bench_family(family: str, root: Path, tokenizer, args) -> dict:
     from pipeline.teachers import VLLMTeacher
-    from pipeline.toy import FAMILIES, build_family
+    from tests.toy import FAMILIES, build_family
 
     path = root / family
     build_family(path, family, tokenizer, hidden=args.hidden, layers=args.layers)
@@ -77,7 +77,7 @@ def bench_family(family: str, root: Path, tokenizer, args) -> dict:
 
 
 def main() -> None:
-    from pipeline.toy import FAMILIES, build_tokenizer
+    from tests.toy import FAMILIES, build_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default=",".join(FAMILIES))

@@ -1,8 +1,19 @@
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_llama, build_tokenizer, write_synthetic_cache
+from tests.helpers import write_synthetic_cache
+from tests.toy import build_llama, build_tokenizer
+
+
+def pytest_configure(config):
+    """`make test-fast` (KDCACHE_TEST_FAST=1, -m "not slow"): a test that starts a process fails, naming it."""
+    if os.environ.get("KDCACHE_TEST_FAST"):
+        def refuse(self, args, *_, **__):
+            raise RuntimeError(f"make test-fast: a test started a process ({args!r}); mark it @pytest.mark.slow")
+        subprocess.Popen.__init__ = refuse
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +40,9 @@ def synthetic_cache(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def toy_cache(tiny_models, tmp_path_factory) -> Path:
     """A real cache: the tiny teacher's top-16 over 4 toy domains (HF engine, rows of 32 tokens, 20 % val)."""
-    from pipeline.capture import CaptureConfig, run_capture
-    from pipeline.toy import write_toy_corpus
+    from pipeline.capture import run_capture
+    from pipeline.config import CaptureConfig
+    from tests.toy import write_toy_corpus
 
     root = tmp_path_factory.mktemp("toy")
     specs = write_toy_corpus(root / "corpus", 60, seed=3)

@@ -1,5 +1,5 @@
 """Test helpers: the kdcache command in this process or in its own, synthetic caches written with cache_format,
-local vLLM servers; tiny models and toy corpora come from pipeline.toy."""
+local vLLM servers; tiny models and toy corpora come from tests/toy.py."""
 
 import contextlib
 import logging
@@ -16,7 +16,6 @@ import numpy as np
 
 from cache_format import (DomainInfo, Manifest, ShardWriter, SplitRule, TeacherInfo, TokenizerInfo, TopkV1,
                           write_manifest)
-from pipeline.toy import build_llama, build_tokenizer, domain_texts  # noqa: F401  (re-exported for tests)
 
 
 class _CurrentStderr:

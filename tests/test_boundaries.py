@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cache_format", "trainer", "pipeline")
 LAYER = {"cache_format": 0, "trainer": 1, "pipeline": 2}
@@ -65,6 +67,7 @@ def test_no_import_cycle():
             visit(m, [m])
 
 
+@pytest.mark.slow
 def test_cache_format_imports_no_torch_vllm_or_project_packages():
     roots = {n.split(".")[0] for p in (ROOT / "cache_format").rglob("*.py") for n in imports(p)}
     assert not roots & {"torch", "vllm", "transformers", "pipeline", "trainer"}

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cache_format import verify_cache
 from pipeline.cli import cli
-from pipeline.toy import write_toy_corpus
+from tests.toy import write_toy_corpus
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_capture_onto_a_full_disk(small_disk, tiny_models, tmp_path):
     (small_disk / "filler").write_bytes(b"\0" * (1536 << 10))                 # leaves about 512 KiB
     specs = write_toy_corpus(tmp_path / "corpus", 300, seed=2)
@@ -45,6 +46,7 @@ def test_capture_onto_a_full_disk(small_disk, tiny_models, tmp_path):
     verify_cache(tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_train_checkpoint_onto_a_full_disk(small_disk, toy_cache, tiny_models):
     """Room for one checkpoint (440 KiB) and not two: the second fails, the first survives and --resume goes on."""
     (small_disk / "filler").write_bytes(b"\0" * (1300 << 10))                 # leaves about 750 KiB

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import tokenizer_fingerprint
-from tests.helpers import build_tokenizer
+from tests.toy import build_tokenizer
 
 
 def test_tiny_models_load_and_share_a_tokenizer(tiny_models):

@@ -16,13 +16,16 @@ import pytest
 from click.testing import CliRunner
 
 from cache_format import CacheError, open_cache, storage
-from pipeline.capture import CaptureConfig, run_capture
+from pipeline.capture import run_capture
 from pipeline.cli import cli
+from pipeline.config import CaptureConfig
 from pipeline.corpus import DataSpec
 from pipeline.merge import MergeConfig, run_merge
-from pipeline.toy import WORDS
+from tests.toy import WORDS
 from trainer.config import TrainConfig
 from trainer.train import run_train
+
+pytestmark = pytest.mark.slow                  # a SeaweedFS server process
 
 WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
 KEY, SECRET, BUCKET = "kdcache", "kdcache-secret", "kdcache"

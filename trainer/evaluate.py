@@ -3,7 +3,7 @@
 Over every position with a teacher distribution (the batch's loss_mask), per domain:
     student_ce  mean cross-entropy of the student on the actual next token
     teacher_ce  mean of -target_logprobs from the cache (the teacher's CE on the same tokens)
-    kl          mean forward KL(teacher || student) on the K+1 buckets (LOSSES["fkl"])
+    kl          mean forward KL(teacher || student) on the K+1 buckets (logits_loss("fkl", ...))
                 on a sampled cache (RS-KD) the sample estimate: KL plus a student-independent offset >= 0
                 (trainer.losses.check_sampled_targets)
     ppl         exp(student_ce)
@@ -35,7 +35,7 @@ from trainer.data import check_cache, collate
 from trainer.ddk import perplexity
 from trainer.distributed import Dist, all_reduce_sum
 from trainer.generate import Decoding, generation_report
-from trainer.losses import LOSSES, cross_entropy
+from trainer.losses import cross_entropy, logits_loss
 from trainer.student import load_student, max_positions
 
 KEYS = ("student_ce", "teacher_ce", "kl", "ppl")
@@ -174,7 +174,6 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
     device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    fkl = LOSSES["fkl"]
     report: dict = {"split": split, "domains": {}, "mean": {}}
     try:
         for domain in domains:
@@ -210,7 +209,7 @@ def evaluate(cache: Cache, model, split: str = "val", batch_size: int = 8, max_r
                 for s in range(0, logits.shape[0], chunk_size):
                     sl = slice(s, s + chunk_size)
                     s_ce += cross_entropy(logits[sl], targets[sl]).double().sum().item()
-                    kl += fkl(logits[sl], topk_ids[sl], topk_lps[sl]).double().sum().item()
+                    kl += logits_loss("fkl", logits[sl], topk_ids[sl], topk_lps[sl]).double().sum().item()
                 t_ce += -target_lps.double().sum().item()
                 n += int(mask.sum())
                 del logits

@@ -87,14 +87,17 @@ def _log_mix(la, lb, w):
 
 
 def _fkl(lp, lq, live):
+    """Forward KL(p || q)."""
     return _kl(lp, lq, live)
 
 
 def _rkl(lp, lq, live):
+    """Reverse KL(q || p)."""
     return _kl(lq, lp, live)
 
 
 def _jsd(lp, lq, live, beta=0.5):
+    """Generalised JSD, TRL GKD convention: m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m); 0 fkl, 1 rkl."""
     if beta == 0:
         return _fkl(lp, lq, live)
     if beta == 1:
@@ -104,14 +107,17 @@ def _jsd(lp, lq, live, beta=0.5):
 
 
 def _sfkl(lp, lq, live, alpha=0.1):
+    """Skew forward KL (DistiLLM): KL(p || alpha p + (1-alpha) q)."""
     return _kl(lp, _log_mix(lp, lq, alpha), live)
 
 
 def _srkl(lp, lq, live, alpha=0.1):
+    """Skew reverse KL (DistiLLM): KL(q || alpha q + (1-alpha) p)."""
     return _kl(lq, _log_mix(lq, lp, alpha), live)
 
 
 def _tvd(lp, lq, live):
+    """Total variation 0.5 sum |p - q|."""
     return 0.5 * torch.where(live, (lp.exp() - lq.exp()).abs(), 0.0).sum(-1)
 
 
@@ -186,6 +192,7 @@ def _bucket(div):
 
 
 def _akl(lp, lq, live, temperature=1.0, tau_squared=True, mu=0.5):
+    """Adaptive KL (Wu et al. 2024): w_head FKL + w_tail RKL, weights g_head/g, g_tail/g without gradient."""
     tau = _tau(temperature, lp)
     w = _akl_head_weight(_temper(lp, live, tau), _temper(lq, live, tau), live, mu)   # (N,)
     return w * _decoupled(_fkl, lp, lq, live, tau, tau_squared) + (1 - w) * _decoupled(_rkl, lp, lq, live, tau,
@@ -197,50 +204,11 @@ BUCKET_LOSSES: dict[str, Callable] = {"fkl": _bucket(_fkl), "rkl": _bucket(_rkl)
                                       "akl": _akl}
 
 
-def _logits_loss(name):
-    def loss(student_logits, topk_ids, topk_logprobs, temperature=1.0, **params):
-        return BUCKET_LOSSES[name](*bucket_logprobs(student_logits, topk_ids, topk_logprobs), temperature, **params)
-    return loss
+def logits_loss(name, student_logits, topk_ids, topk_logprobs, temperature=1.0, **params):
+    """BUCKET_LOSSES[name] on full student logits: (N, V), topk_ids (N, K), topk_logprobs (N, K) -> (N,) float32.
 
-
-# Public losses: (student_logits (N, V), topk_ids (N, K), topk_logprobs (N, K), temperature) -> (N,) float32.
-
-def fkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
-    """Forward KL(p || q)."""
-    return _logits_loss("fkl")(student_logits, topk_ids, topk_logprobs, temperature)
-
-
-def rkl(student_logits, topk_ids, topk_logprobs, temperature=1.0):
-    """Reverse KL(q || p)."""
-    return _logits_loss("rkl")(student_logits, topk_ids, topk_logprobs, temperature)
-
-
-def jsd(student_logits, topk_ids, topk_logprobs, temperature=1.0, beta=0.5):
-    """Generalised JSD, TRL GKD convention: m = beta p + (1-beta) q; beta KL(p||m) + (1-beta) KL(q||m); 0 fkl, 1 rkl."""
-    return _logits_loss("jsd")(student_logits, topk_ids, topk_logprobs, temperature, beta=beta)
-
-
-def sfkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
-    """Skew forward KL (DistiLLM): KL(p || alpha p + (1-alpha) q)."""
-    return _logits_loss("sfkl")(student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
-
-
-def srkl(student_logits, topk_ids, topk_logprobs, temperature=1.0, alpha=0.1):
-    """Skew reverse KL (DistiLLM): KL(q || alpha q + (1-alpha) p)."""
-    return _logits_loss("srkl")(student_logits, topk_ids, topk_logprobs, temperature, alpha=alpha)
-
-
-def tvd(student_logits, topk_ids, topk_logprobs, temperature=1.0):
-    """Total variation 0.5 sum |p - q|."""
-    return _logits_loss("tvd")(student_logits, topk_ids, topk_logprobs, temperature)
-
-
-def akl(student_logits, topk_ids, topk_logprobs, temperature=1.0, mu=0.5):
-    """Adaptive KL (Wu et al. 2024): w_head FKL + w_tail RKL, weights g_head/g, g_tail/g without gradient."""
-    return _logits_loss("akl")(student_logits, topk_ids, topk_logprobs, temperature, mu=mu)
-
-
-LOSSES: dict[str, Callable] = {"fkl": fkl, "rkl": rkl, "jsd": jsd, "sfkl": sfkl, "srkl": srkl, "tvd": tvd, "akl": akl}
+    The reference form, holding the (N, V) logits; chunked_loss computes the same from hidden states."""
+    return BUCKET_LOSSES[name](*bucket_logprobs(student_logits, topk_ids, topk_logprobs), temperature, **params)
 
 
 def check_sampled_targets(codec: dict, loss: str, temperature, adakd: bool = False) -> None:
@@ -369,7 +337,7 @@ def chunked_loss(hidden, lm_head_weight, topk_ids, topk_logprobs, targets, mask,
     """Masked mean of kd_weight * KD + ce_weight * CE without holding all (N, V) logits at once.
 
     hidden (N, D), lm_head_weight (V', D) sliced to its first vocab_size rows, topk_* (N, K), targets and mask (N,),
-    temperature a float or (N,). loss_fn is a LOSSES / BUCKET_LOSSES name, a bucket-loss callable
+    temperature a float or (N,). loss_fn is a BUCKET_LOSSES name, a bucket-loss callable
     (lp, lq, live, temperature, **params) -> (N,), or "ce" (CE only). See chunked_buckets for the memory.
     Returns (loss, {"kd_loss", "ce_loss"}): the stats are detached masked means, as tensors.
     """

@@ -18,7 +18,8 @@ os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"              # GiB: the engines share
 
 
 def capture(teacher: Path, corpus: Path, out: Path, backend: str, output: str = "auto"):
-    from pipeline.capture import CaptureConfig, run_capture
+    from pipeline.capture import run_capture
+    from pipeline.config import CaptureConfig
     from pipeline.corpus import DataSpec
     gc.freeze()           # vLLM collects garbage a dozen times per engine start: keep the long-lived heap out of it
     return run_capture(CaptureConfig(teacher=str(teacher), data=(DataSpec("text", str(corpus)),), out=str(out),

@@ -17,9 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import TOKENIZER_NAME, KdcacheError, TopkV2, TopkV3, open_cache, publish, verify_cache
-from pipeline.capture import CaptureConfig
+from pipeline.config import CaptureConfig
 from pipeline.corpus import DataSpec
-from tests.helpers import domain_texts, kdcache
+from tests.helpers import kdcache
+from tests.toy import domain_texts
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,7 @@ def shard_digests(cache_dir: Path) -> dict[str, str]:
     return {s.path: s.sha256 for s in open_cache(cache_dir).manifest.shards()}
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(hf_cache, tiny_models, corpus, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, capture_args(tiny_models, corpus, out))],
@@ -260,6 +262,7 @@ def test_the_cache_carries_the_teacher_tokenizer_and_verify_checks_it(hf_cache, 
     assert f"Error: {bad / TOKENIZER_NAME}: missing" in one_line_error(kdcache("verify", bad))
 
 
+@pytest.mark.slow
 def test_two_captures_into_one_out_the_second_is_refused(tiny_models, corpus, tmp_path):
     """The first holds CACHE.lock while it writes; the second, started meanwhile, is one Error line naming it;
     the first's cache is complete and sound."""
@@ -279,6 +282,7 @@ def test_two_captures_into_one_out_the_second_is_refused(tiny_models, corpus, tm
     assert not (tmp_path / "cache.lock").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_is_one_line_and_the_rerun_resumes(hf_cache, tiny_models, corpus, tmp_path):
     """SIGTERM mid-capture: exit 143, one line saying how to resume, no .tmp left; the re-run completes the cache
     (the same shards as an uninterrupted capture)."""

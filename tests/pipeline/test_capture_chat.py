@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import open_cache, verify_cache
-from pipeline.toy import build_llama, build_tokenizer, domain_texts
+from tests.toy import build_llama, build_tokenizer, domain_texts
 from tests.helpers import kdcache
 from tests.pipeline.test_chat import CHATML, CHATML_GEN, REWRITES
 from trainer.data import collate

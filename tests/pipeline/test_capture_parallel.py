@@ -3,7 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from pipeline.capture import RUNTIME_OPTIONS, CaptureConfig, _engine_options
+from pipeline.capture import _engine_options
+from pipeline.config import RUNTIME_OPTIONS, CaptureConfig
 from pipeline.cli import cli
 from pipeline.corpus import DataSpec
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cache_format import open_cache, verify_cache
-from pipeline.toy import build_family
+from tests.toy import build_family
 from tests.helpers import kdcache
 from tests.pipeline.test_real_templates import CASES, REASONED, marked
 from tests.real_families import path, raw, reference, reference_tokens, tokenizer

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cache_format import open_cache, verify_cache
-from tests.helpers import VLLMServer, build_llama, build_tokenizer
+from tests.helpers import VLLMServer
+from tests.toy import build_llama, build_tokenizer
 from tests.helpers import kdcache
 from tests.pipeline.test_capture import capture_args, corpus, hf_cache, shard_digests  # noqa: F401
 from tests.pipeline.test_capture_chat import chat_capture, chat_corpus  # noqa: F401

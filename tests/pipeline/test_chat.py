@@ -9,7 +9,7 @@ import pytest
 from cache_format import KdcacheError
 from pipeline.chat import (Example, check_messages, load_template, record_format, render, render_example,
                            render_pair, resolve_template, template_fingerprint, to_messages)
-from pipeline.toy import build_tokenizer
+from tests.toy import build_tokenizer
 
 # ChatML, rendering the same text with and without {% generation %} marks (content + <|im_end|> is generated).
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"

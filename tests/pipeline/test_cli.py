@@ -24,6 +24,7 @@ def test_inspect_and_verify_on_a_written_cache(synthetic_cache):
     assert r.returncode == 0 and r.stdout.startswith("OK ") and "5 shards" in r.stdout
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_exit_1(synthetic_cache, tmp_path):
     shard = next(synthetic_cache.rglob("shard-00000.parquet"))
     shard.write_bytes(shard.read_bytes()[:-10])
@@ -56,6 +57,7 @@ def test_every_contract_command_is_present():
     assert r.exit_code == 0
 
 
+@pytest.mark.slow
 def test_console_script_installed():
     exe = shutil.which("kdcache") or str(__import__("pathlib").Path(sys.executable).parent / "kdcache")
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
@@ -64,7 +66,7 @@ def test_console_script_installed():
 
 def test_eval_command_on_a_captured_cache(tiny_models, tmp_path):
     """`kdcache eval` end to end: HF capture of the tiny teacher, then the student evaluated against it."""
-    from tests.helpers import domain_texts
+    from tests.toy import domain_texts
 
     corpus = tmp_path / "code.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in domain_texts("code", 40, seed=1)))
@@ -98,8 +100,9 @@ def files_under(path) -> list[str]:
     return sorted(str(p) for p in path.rglob("*"))
 
 
+@pytest.mark.slow
 def test_capture_dry_run_prints_the_plan_and_writes_nothing(tiny_models, tmp_path):
-    from pipeline.toy import write_toy_corpus
+    from tests.toy import write_toy_corpus
 
     specs = write_toy_corpus(tmp_path / "corpus", 30, seed=2)
     data = [a for s in specs for a in ("--data", f"{s.domain}={s.path}")]
@@ -133,8 +136,9 @@ def test_train_dry_run_checks_the_inputs_and_writes_nothing(toy_cache, tiny_mode
     assert r.returncode == 1 and "holds no training run" in r.stderr
 
 
+@pytest.mark.slow
 def test_config_file_fills_what_the_command_line_leaves(tiny_models, tmp_path):
-    from pipeline.toy import write_toy_corpus
+    from tests.toy import write_toy_corpus
 
     specs = write_toy_corpus(tmp_path / "corpus", 10, seed=1)
     data = "".join(f"  {s.domain}: {s.path}\n" for s in specs)

@@ -14,10 +14,29 @@ import zstandard
 from transformers import AutoTokenizer
 
 from cache_format import KdcacheError
-from pipeline.corpus import (CorpusStats, DataSpec, Reading, group_by_domain, iter_documents, iter_split_rows,
-                             load_mixture, pack_documents, parse_data_spec, resolve_files, split_of,
-                             tokenize_documents)
-from tests.helpers import build_tokenizer, domain_texts
+from pipeline.corpus import (CorpusStats, DataSpec, Reading, iter_split_rows, load_mixture, parse_data_spec,
+                             resolve_files, split_of, tokenize_documents)
+from pipeline.corpus.packing import _Packer, _with_eos
+from pipeline.corpus.records import _file_documents
+from tests.toy import build_tokenizer, domain_texts
+
+
+def iter_documents(spec: DataSpec, text_field: str = "text", stats: CorpusStats | None = None, fmt: str = "auto"):
+    """The documents capture reads from a spec's files, in `resolve_files` order."""
+    stats = stats if stats is not None else CorpusStats()
+    for path in resolve_files(spec):
+        yield from _file_documents(path, text_field, stats, fmt)
+
+
+def pack_documents(token_ids, seq_len: int, eos_id: int):
+    """`concat` packing of token lists as capture packs text: an EOS after each document, int32 rows of seq_len."""
+    packer = _Packer(seq_len)
+    for ids in token_ids:
+        tokens = _with_eos(ids, eos_id)
+        yield from (row.input_ids for row in packer.add(tokens, np.ones(len(tokens), bool)))
+    if (tail := packer.flush()) is not None:
+        yield tail.input_ids
+
 
 DOCS = domain_texts("prose", 40) + ["ünïcödé — “quotes” 数学 🙂", "  leading and trailing spaces  "]
 
@@ -149,7 +168,6 @@ def test_load_mixture(tmp_path):
     (tmp_path / "list.yaml").write_text("data:\n  - {domain: math, path: m.jsonl}\n  - {domain: code, path: c}\n")
     specs = load_mixture(str(tmp_path / "list.yaml"))
     assert specs == [DataSpec("math", str(tmp_path / "m.jsonl")), DataSpec("code", str(tmp_path / "c"))]
-    assert list(group_by_domain(specs + [DataSpec("math", "x")])) == ["math", "code"]
 
 
 @pytest.mark.parametrize("content,match", [
@@ -399,7 +417,7 @@ def test_a_bom_at_the_start_of_a_text_file_is_dropped_and_counted(tokenizer, tmp
 def test_a_long_document_is_tokenized_only_as_far_as_the_cap(tokenizer, tmp_path, monkeypatch):
     """A one-line document of 2 M characters under --max-tokens-per-domain 500: the rows equal those of the whole
     document tokenized, and the tokenizer never sees more than a prefix of it."""
-    import pipeline.corpus as corpus
+    import pipeline.corpus.packing as corpus
     text = " ".join(domain_texts("prose", 40_000, seed=9))
     assert len(text) > 2_000_000
     (tmp_path / "long.txt").write_text(text + "\n")

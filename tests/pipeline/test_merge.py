@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from cache_format import CONFIG_NAME, TOKENIZER_NAME, KdcacheError, verify_cache
-from pipeline.capture import CaptureConfig, run_capture
+from pipeline.capture import run_capture
+from pipeline.config import CaptureConfig
 from pipeline.merge import MergeConfig, run_merge
 from tests.helpers import kdcache
 
@@ -23,7 +24,7 @@ def files(cache: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def captures(tiny_models, tmp_path_factory):
     """A one-worker capture of the toy corpus and the same capture split over 3 workers."""
-    from pipeline.toy import write_toy_corpus
+    from tests.toy import write_toy_corpus
     root = tmp_path_factory.mktemp("merge")
     specs = write_toy_corpus(root / "corpus", 40, seed=4)
     single = capture(tiny_models, specs, root / "single")

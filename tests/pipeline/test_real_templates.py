@@ -125,7 +125,7 @@ def test_deepseek_v3_is_read_from_its_tokenizer_json(caplog):
 
 def test_a_tokenizer_that_cannot_agree_with_its_tokenizer_json_is_refused(tmp_path):
     """A tokenizer_config.json naming an eos token that tokenizer.json lacks: every loader adds it."""
-    from pipeline.toy import build_tokenizer
+    from tests.toy import build_tokenizer
 
     build_tokenizer(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

@@ -48,7 +48,7 @@ def test_a_url_that_is_not_a_vllm_server_is_refused_in_one_line(tmp_path):
 
     from cache_format import KdcacheError
     from pipeline.served import ServedTeacher
-    from tests.helpers import build_tokenizer
+    from tests.toy import build_tokenizer
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)   # 404s
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -12,7 +12,7 @@ import torch
 
 from cache_format import open_cache, verify_cache
 from cache_format.codec_v2 import SQRT_SCALE
-from pipeline.toy import FAMILIES, build_family, build_tokenizer, domain_texts
+from tests.toy import FAMILIES, build_family, build_tokenizer, domain_texts
 from tests.helpers import run_side_by_side
 
 pytestmark = pytest.mark.slow

@@ -94,7 +94,7 @@ def test_hf_teacher_never_asks_for_the_whole_logits(family, tmp_path):
     """At V = 262k (Gemma 3) and for heads with soft-cap, scaling or a bias: the model's output projection is
     never called on the batch (its (B, T, V) logits would be 34 GB at 32 x 1024 for Gemma 3); kdcache applies the
     head per chunk of positions and gets the model's own log-probabilities."""
-    from pipeline.toy import build_family, build_tokenizer
+    from tests.toy import build_family, build_tokenizer
     model = build_family(tmp_path / "m", family, build_tokenizer(tmp_path / "tok"), hidden=64, layers=1)
     teacher = HFTeacher(str(tmp_path / "m"), dtype="float32")
     calls = []

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.trainer.test_losses import as_product, far_tail_case, in_support, ref_buckets
 from trainer.adakd import LATF, AdaKDConfig, adakd_token_weights, hellinger, idts_temperature, select_hardest
-from trainer.losses import LOSSES, bucket_logprobs, chunked_buckets
+from trainer.losses import BUCKET_LOSSES, bucket_logprobs, chunked_buckets, logits_loss
 
 
 def buckets(seed, N=8, V=12, K=5, scale=2.0, padded=0, gap=0.0, dtype=torch.float32, chunked=False):
@@ -176,7 +176,7 @@ def test_idts_zero_scores_give_no_nan():
 
 # ---------- temperatures into the losses ----------
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(BUCKET_LOSSES))
 @pytest.mark.parametrize("tau_base", [1.0, 1.4, 0.7])
 def test_constant_temperature_tensor_equals_scalar_in_every_loss(name, tau_base):
     (lp, lq, live), t_logp, s_logits = buckets(4, V=16, K=5, padded=1)
@@ -184,8 +184,8 @@ def test_constant_temperature_tensor_equals_scalar_in_every_loss(name, tau_base)
     mask = torch.ones(8, dtype=torch.bool)
     _, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(c=0.0, tau_base=tau_base))
     assert tau.shape == (8,) and tau.dtype == torch.float32
-    out = LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau)
-    assert torch.allclose(out, LOSSES[name](s_logits, ids, t_logp.gather(-1, ids), tau_base))
+    out = logits_loss(name, s_logits, ids, t_logp.gather(-1, ids), tau)
+    assert torch.allclose(out, logits_loss(name, s_logits, ids, t_logp.gather(-1, ids), tau_base))
     _, tau, _ = adakd_token_weights(lp, lq, live, mask, 0.5, AdaKDConfig(idts=False, tau_base=tau_base))
     assert tau == tau_base                                                          # IDTS off: the scalar itself
 

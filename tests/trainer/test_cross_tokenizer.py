@@ -12,7 +12,7 @@ import torch
 from cache_format import KdcacheError, open_cache
 from cache_format.fingerprint import named_ids, tokenizer_json
 from cache_format.token_bytes import PROBE, probe_kind, token_bytes
-from pipeline.toy import build_llama, build_tokenizer, write_toy_corpus
+from tests.toy import build_llama, build_tokenizer, write_toy_corpus
 from trainer.cross_tokenizer import StudentRows, align, vocab_map
 from trainer.losses import chunk_likelihood_kl
 
@@ -306,7 +306,8 @@ def test_chunk_likelihood_kl():
 @pytest.fixture(scope="module")
 def exact_cache(tiny_models, tmp_path_factory) -> Path:
     """The tiny teacher's exact (codec v1) top-16 over the toy domains."""
-    from pipeline.capture import CaptureConfig, run_capture
+    from pipeline.capture import run_capture
+    from pipeline.config import CaptureConfig
 
     root = tmp_path_factory.mktemp("exact")
     specs = write_toy_corpus(root / "corpus", 30, seed=5)

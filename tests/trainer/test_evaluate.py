@@ -11,7 +11,7 @@ import torch
 
 from cache_format import (CacheError, DomainInfo, KdcacheError, Manifest, ShardWriter, SplitRule, TeacherInfo,
                           TokenizerInfo, TopkV1, open_cache, tokenizer_fingerprint, write_manifest)
-from tests.helpers import build_tokenizer, domain_texts
+from tests.toy import build_tokenizer, domain_texts
 from trainer.evaluate import evaluate
 from trainer.student import load_student
 

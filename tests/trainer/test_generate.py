@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cache_format import (DomainInfo, KdcacheError, Manifest, ShardWriter, SplitRule, TeacherInfo, TokenizerInfo,
                           TopkV1, open_cache, tokenizer_fingerprint, write_manifest)
 from pipeline.cli import cli
-from tests.helpers import domain_texts
+from tests.toy import domain_texts
 from trainer.generate import generate_replies, generation_report, last_replies, rouge_l, sample_next
 
 K = 4

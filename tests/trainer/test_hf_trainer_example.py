@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from cache_format import open_cache
 from tests.trainer.test_evaluate import build_cache
 from trainer.evaluate import evaluate
-from trainer.losses import LOSSES
+from trainer.losses import logits_loss
 from trainer.student import load_student
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "hf_trainer.md"
@@ -85,7 +85,7 @@ def test_doc_example_distils(train_cache, tiny_models, tmp_path, monkeypatch):
     assert evaluate(cache, saved, split="train")["mean"]["kl"] == pytest.approx(kl_after, rel=1e-5)
 
     # compute_loss's targets are the next tokens (its CE equals HF's own), its KD equals the simpler full-logits
-    # LOSSES["fkl"] variant, and the doc's DDP-friendly hidden_states[-1] is the decoder's last_hidden_state
+    # logits_loss("fkl", ...) variant, and the doc's DDP-friendly hidden_states[-1] is the decoder's last_hidden_state
     batch = kd_trainer._prepare_inputs(next(iter(kd_trainer.get_train_dataloader())))   # as compute_loss gets it
     assert isinstance(batch["domains"], list) and len(batch["domains"]) == SHORT_RUN["per_device_train_batch_size"]
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_doc_example_distils(train_cache, tiny_models, tmp_path, monkeypatch):
         assert batch["attention_mask"].all() and stats["ce_loss"].item() == pytest.approx(hf_ce.item(), rel=1e-5)
         mask = batch["loss_mask"]
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits       # (B, T, V)
-        simple = LOSSES["fkl"](logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask]).mean()
+        simple = logits_loss("fkl", logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask]).mean()
         assert chunked.item() == pytest.approx(simple.item(), rel=1e-3, abs=1e-7)
         last = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                      output_hidden_states=True, logits_to_keep=1).hidden_states[-1]

@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from cache_format import KdcacheError, open_cache, read_manifest, write_manifest
-from pipeline.capture import CaptureConfig, run_capture
+from pipeline.capture import run_capture
+from pipeline.config import CaptureConfig
 from pipeline.cli import cli
 from pipeline.corpus import parse_data_spec
-from tests.helpers import domain_texts
+from tests.toy import domain_texts
 from trainer.ddk import initial_weights
 from trainer.evaluate import evaluate
 from trainer.profile import ProfileConfig, format_profile_table, load_profile, run_profile

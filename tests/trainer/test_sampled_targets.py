@@ -7,7 +7,7 @@ import torch
 from cache_format import KdcacheError, TopkV2
 from pipeline.teachers import sample_targets
 from tests.helpers import write_synthetic_cache
-from trainer.losses import LOSSES, check_sampled_targets
+from trainer.losses import check_sampled_targets, logits_loss
 
 
 def draws(p_logits: torch.Tensor, n: int, m: int, seed: int = 0):
@@ -34,7 +34,7 @@ def test_fkl_on_sampled_targets_is_unbiased():
     p, q = torch.softmax(p_logits, -1), torch.softmax(z, -1)
     ids, lp = draws(p_logits, n, m)
     student = z.expand(m, -1).clone().requires_grad_(True)
-    loss = LOSSES["fkl"](student, ids, lp)                                           # (m,)
+    loss = logits_loss("fkl", student, ids, lp)                                           # (m,)
     loss.sum().backward()
     grads = student.grad.double()                                                    # (m, V) per-draw gradients
     mean, se = grads.mean(0), grads.std(0) / m**0.5
@@ -48,7 +48,7 @@ def test_fkl_on_sampled_targets_is_unbiased():
     k = 4                                                                            # the biased reference
     top = torch.log_softmax(p_logits, -1).topk(k)
     biased = z.clone().requires_grad_(True)
-    LOSSES["fkl"](biased[None], top.indices[None], top.values[None] - top.values.logsumexp(-1))[0].backward()
+    logits_loss("fkl", biased[None], top.indices[None], top.values[None] - top.values.logsumexp(-1))[0].backward()
     assert ((biased.grad - (q - p)).abs() > 4 * se.float()).any()
 
 

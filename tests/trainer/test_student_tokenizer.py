@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cache_format import TOKENIZER_NAME, CacheError, KdcacheError, open_cache
-from tests.helpers import build_tokenizer
+from tests.toy import build_tokenizer
 from tests.helpers import kdcache
 from tests.pipeline.test_capture import one_line_error
 from trainer.config import TrainConfig

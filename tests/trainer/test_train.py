@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cache_format import CacheError, KdcacheError, open_cache
 from pipeline.cli import cli
-from tests.helpers import build_llama, build_tokenizer
+from tests.toy import build_llama, build_tokenizer
 from trainer.config import TrainConfig
 from trainer.run_dir import latest_checkpoint
 from trainer.train import lr_at, run_train

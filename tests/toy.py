@@ -26,7 +26,7 @@ def write_toy_corpus(out_dir: Path, docs_per_domain: int, seed: int = 0) -> list
     """OUT_DIR/{domain}.jsonl for every toy domain; the DataSpecs that capture takes."""
     import json
 
-    from .corpus import DataSpec
+    from pipeline.corpus import DataSpec
 
     specs = []
     for domain in WORDS:

@@ -175,11 +175,11 @@ def _decoupled(div, lp, lq, live, tau, tau_squared=True, **params):
     """
     if tau is None:
         return div(lp, lq, live, **params)
+    tempered = div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params)
     if not tau_squared:
-        return div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params)
+        return tempered
     t2 = tau**2
-    return t2 * div(_temper(lp, live, tau), _temper(lq, live, tau), live, **params) \
-        + (1 - t2) * div(*_binary(lp, lq, live), **params)
+    return t2 * tempered + (1 - t2) * div(*_binary(lp, lq, live), **params)
 
 
 # Bucket losses: (lp, lq, live) each (N, K+1), temperature (float or (N,)) -> (N,). Public: BUCKET_LOSSES.
